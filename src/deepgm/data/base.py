@@ -1,0 +1,71 @@
+"""The in-memory dataset every model trains on, and the registry that names them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Dataset:
+    """Examples held as one tensor; images live in [-1, 1] as (N, C, H, W), vectors as (N, D).
+
+    `levels` is the number of discrete values per dimension (17 for digits, 256 for 8-bit images);
+    None means continuous data. Bits/dim conversions read it, so it is never hidden in code.
+    """
+
+    name: str
+    x: torch.Tensor
+    y: torch.Tensor | None = None
+    levels: int | None = None
+    num_classes: int | None = None
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Shape of one example."""
+        return tuple(self.x.shape[1:])
+
+    @property
+    def is_image(self) -> bool:
+        return self.x.dim() == 4
+
+    def batch(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The examples at `index` as a batch dict with keys x (and y when labelled)."""
+        out = {"x": self.x[index]}
+        if self.y is not None:
+            out["y"] = self.y[index]
+        return out
+
+
+_REGISTRY: dict[str, Callable[..., Dataset]] = {}
+
+
+def register(name: str):
+    """Decorator that makes a loader `fn(split, **options) -> Dataset` available as `data: name`."""
+
+    def wrap(fn):
+        _REGISTRY[name] = fn
+        return fn
+
+    return wrap
+
+
+def load_dataset(name: str, split: str = "train", **options) -> Dataset:
+    """Load a dataset by registry name; split is 'train' or 'test'."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(_REGISTRY)}")
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    try:
+        return _REGISTRY[name](split, **options)
+    except TypeError as err:  # an option the loader does not take
+        raise ValueError(f"bad options for dataset {name!r}: {err}") from None
+
+
+def available_datasets() -> list[str]:
+    return sorted(_REGISTRY)

@@ -1,0 +1,127 @@
+"""A denoiser answers every question a sampler or loss asks about x_t: x0, eps, v and the score.
+
+It wraps a network (or any callable) and its parameterisation once; samplers never see raw outputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from deepgm.diffusion.schedules import Schedule
+
+PARAMETERIZATIONS = ("eps", "x0", "v")
+
+
+def expand_like(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Per-example scalars (B,) or () as x's dtype and device, shaped to broadcast over x."""
+    v = torch.as_tensor(v).to(device=x.device, dtype=x.dtype)
+    if v.dim() == 0:
+        return v
+    return v.reshape(-1, *([1] * (x.dim() - 1)))
+
+
+def to_x0_eps(out, x, alpha, sigma, parameterization: str):
+    """(x0, eps) from a network output in the given parameterisation, with x = alpha x0 + sigma eps.
+
+    v is defined for any (alpha, sigma) with r = sqrt(alpha^2 + sigma^2): v = (alpha eps - sigma x0)/r,
+    which is Salimans & Ho (2022)'s v when alpha^2 + sigma^2 = 1.
+    """
+    if parameterization == "eps":
+        return (x - sigma * out) / alpha, out
+    if parameterization == "x0":
+        return out, (x - alpha * out) / sigma
+    if parameterization == "v":
+        r = torch.sqrt(alpha**2 + sigma**2)
+        a, s = alpha / r, sigma / r
+        return a * x / r - s * out, s * x / r + a * out
+    raise ValueError(f"unknown parameterization {parameterization!r}; choose one of {PARAMETERIZATIONS}")
+
+
+def from_x0_eps(x0, eps, alpha, sigma, parameterization: str):
+    """The network target in the given parameterisation, inverse of `to_x0_eps`."""
+    if parameterization == "eps":
+        return eps
+    if parameterization == "x0":
+        return x0
+    if parameterization == "v":
+        r = torch.sqrt(alpha**2 + sigma**2)
+        return (alpha * eps - sigma * x0) / r
+    raise ValueError(f"unknown parameterization {parameterization!r}; choose one of {PARAMETERIZATIONS}")
+
+
+@dataclass
+class Prediction:
+    """What one network evaluation says about x_t: the clean image and the noise."""
+
+    x0: torch.Tensor
+    eps: torch.Tensor
+
+
+class _FunctionNet(nn.Module):
+    def __init__(self, fn: Callable):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x, t, **cond):
+        return self.fn(x, t, **cond)
+
+
+class Denoiser(nn.Module):
+    """A network with a parameterisation and the schedule it was trained with."""
+
+    def __init__(self, net: nn.Module, schedule: Schedule, parameterization: str = "eps"):
+        super().__init__()
+        if parameterization not in PARAMETERIZATIONS:
+            raise ValueError(f"unknown parameterization {parameterization!r}; choose one of {PARAMETERIZATIONS}")
+        self.net = net
+        self.schedule = schedule
+        self.parameterization = parameterization
+
+    @classmethod
+    def from_fn(cls, fn: Callable, schedule: Schedule, parameterization: str = "x0") -> Denoiser:
+        """Wrap a plain callable fn(x_t, t, **cond) -> output, e.g. an analytic posterior mean."""
+        return cls(_FunctionNet(fn), schedule, parameterization)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, **cond) -> Prediction:
+        """One network evaluation at (x_t, t); t is a scalar or (B,) tensor of times in [0, 1]."""
+        t = torch.as_tensor(t, device=x.device, dtype=torch.float64)
+        if t.dim() == 0:
+            t = t.expand(x.shape[0])
+        alpha, sigma = (expand_like(v, x) for v in self.schedule.alpha_sigma(t))
+        out = self.net(x, t.to(x.dtype), **cond)
+        if out.shape != x.shape:
+            raise ValueError(f"network output shape {tuple(out.shape)} differs from input {tuple(x.shape)}")
+        return Prediction(*to_x0_eps(out.to(x.dtype), x, alpha, sigma, self.parameterization))
+
+    def score(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+        """grad_x log p_t(x) = -eps / sigma_t."""
+        t = torch.as_tensor(t, device=x.device, dtype=torch.float64)
+        _, sigma = self.schedule.alpha_sigma(t)
+        return -self(x, t, **cond).eps / expand_like(sigma, x)
+
+
+class Thresholded(nn.Module):
+    """Clips the x0 prediction (static: to [-1, 1]; dynamic: Saharia et al. 2022, sec. 2.3) and re-derives eps."""
+
+    def __init__(self, denoiser: nn.Module, percentile: float | None = None):
+        super().__init__()
+        self.denoiser = denoiser
+        self.schedule = denoiser.schedule
+        self.percentile = percentile  # None: static clipping
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, **cond) -> Prediction:
+        pred = self.denoiser(x, t, **cond)
+        x0 = pred.x0
+        if self.percentile is None:
+            x0 = x0.clamp(-1, 1)
+        else:
+            s = torch.quantile(x0.reshape(x0.shape[0], -1).abs().float(), self.percentile, dim=1)
+            s = expand_like(s.clamp(min=1.0), x0)
+            x0 = x0.clamp(-s, s) / s
+        t = torch.as_tensor(t, device=x.device, dtype=torch.float64)
+        alpha, sigma = (expand_like(v, x) for v in self.schedule.alpha_sigma(t.expand(x.shape[0])))
+        return Prediction(x0, (x - alpha * x0) / sigma)

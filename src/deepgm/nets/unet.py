@@ -1,0 +1,190 @@
+"""A DDPM-style U-Net (Ho et al. 2020; Nichol & Dhariwal 2021) for denoising images."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deepgm.nets.embeddings import TimeEmbedding
+
+
+def _groups(channels: int) -> int:
+    """Largest number of GroupNorm groups <= 32 that divides `channels`."""
+    return next(g for g in range(min(32, channels), 0, -1) if channels % g == 0)
+
+
+def _norm(channels: int) -> nn.GroupNorm:
+    """GroupNorm with the group count chosen by `_groups`."""
+    return nn.GroupNorm(_groups(channels), channels)
+
+
+def _zero(module: nn.Module) -> nn.Module:
+    """Zero a module's parameters in place (so a residual branch starts as the identity)."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class ResBlock(nn.Module):
+    """Two 3x3 convs; the embedding modulates the second GroupNorm by scale and shift."""
+
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float = 0.0):
+        super().__init__()
+        self.norm1, self.conv1 = _norm(in_ch), nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.emb = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, 2 * out_ch))
+        self.norm2, self.drop = _norm(out_ch), nn.Dropout(dropout)
+        self.conv2 = _zero(nn.Conv2d(out_ch, out_ch, 3, padding=1))
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        scale, shift = self.emb(emb)[:, :, None, None].chunk(2, dim=1)  # (B, C_out, 1, 1) each
+        h = self.norm2(h) * (1 + scale) + shift
+        h = self.conv2(self.drop(F.silu(h)))
+        return self.skip(x) + h
+
+
+class AttentionBlock(nn.Module):
+    """Multi-head self-attention over the H*W positions of a feature map, as a residual branch."""
+
+    def __init__(self, channels: int, num_heads: int = 4):
+        super().__init__()
+        if channels % num_heads:
+            raise ValueError(f"num_heads={num_heads} must divide the {channels} channels of the "
+                             f"attention block; choose num_heads or channels accordingly")
+        self.heads = num_heads
+        self.norm = _norm(channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = _zero(nn.Conv2d(channels, channels, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        qkv = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w)
+        q, k, v = qkv.transpose(-1, -2).unbind(1)  # (B, heads, H*W, C/heads) each
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, H*W, C/heads)
+        out = out.transpose(-1, -2).reshape(b, c, h, w)  # (B, C, H, W)
+        return x + self.proj(out)
+
+
+class Downsample(nn.Module):
+    """Halve H and W with a stride-2 3x3 conv."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Double H and W by nearest-neighbour interpolation, then a 3x3 conv."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class EmbSequential(nn.ModuleList):
+    """Apply layers in order, passing the embedding to the residual blocks only."""
+
+    def forward(self, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        for layer in self:
+            h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
+        return h
+
+
+class UNet(nn.Module):
+    """eps/x0/v network for images: (x_t (B, C, H, W), t (B,)) -> (B, C_out, H, W)."""
+
+    def __init__(self, in_channels: int = 1, out_channels: int | None = None, channels: int = 64,
+                 channel_mult: tuple[int, ...] = (1, 2), num_res_blocks: int = 2,
+                 attention_resolutions: tuple[int, ...] = (), image_size: int = 8, dropout: float = 0.0,
+                 num_classes: int | None = None, num_heads: int = 4, cond_channels: int = 0):
+        super().__init__()
+        levels = len(channel_mult)
+        if levels == 0:
+            raise ValueError("channel_mult must list at least one resolution level, e.g. (1, 2)")
+        if image_size % 2 ** (levels - 1):
+            raise ValueError(f"image_size={image_size} must be divisible by 2**(len(channel_mult)-1) = "
+                             f"{2 ** (levels - 1)}; use fewer channel_mult levels or another image_size")
+        resolutions = [image_size // 2**i for i in range(levels)]
+        if not set(attention_resolutions) <= set(resolutions):
+            raise ValueError(f"attention_resolutions={tuple(attention_resolutions)} must be among the "
+                             f"feature-map sizes {resolutions} of this U-Net")
+        self.in_channels, self.out_channels = in_channels, out_channels or in_channels
+        self.num_classes, self.cond_channels = num_classes, cond_channels
+        self.time = TimeEmbedding(channels)
+        emb_dim = self.time.out_dim
+        # the extra row is the "no label" token used by classifier-free guidance
+        self.label = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
+
+        def res(i: int, o: int) -> ResBlock:
+            return ResBlock(i, o, emb_dim, dropout)
+
+        def attn(ch: int, size: int) -> list[nn.Module]:
+            return [AttentionBlock(ch, num_heads)] if size in attention_resolutions else []
+
+        self.inp = nn.Conv2d(in_channels + cond_channels, channels, 3, padding=1)
+        self.down, skips, ch = nn.ModuleList(), [channels], channels
+        for level, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                self.down.append(EmbSequential([res(ch, mult * channels), *attn(mult * channels,
+                                                                                resolutions[level])]))
+                ch = mult * channels
+                skips.append(ch)
+            if level != levels - 1:
+                self.down.append(EmbSequential([Downsample(ch)]))
+                skips.append(ch)
+        self.mid = EmbSequential([res(ch, ch), AttentionBlock(ch, num_heads), res(ch, ch)])
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            for i in range(num_res_blocks + 1):
+                layers = [res(ch + skips.pop(), mult * channels), *attn(mult * channels, resolutions[level])]
+                ch = mult * channels
+                if level != 0 and i == num_res_blocks:
+                    layers.append(Upsample(ch))
+                self.up.append(EmbSequential(layers))
+        self.out = nn.Sequential(_norm(ch), nn.SiLU(), _zero(nn.Conv2d(ch, self.out_channels, 3, padding=1)))
+
+    def _embed(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        """Time embedding plus (optionally) the class embedding, shape (B, emb_dim)."""
+        b = x.shape[0]
+        emb = self.time(t.reshape(1).expand(b) if t.numel() == 1 else t)
+        if self.label is None:
+            if y is not None:
+                raise ValueError("y was given but this UNet was built with num_classes=None")
+            return emb
+        if y is None:
+            y = torch.full((b,), self.num_classes, device=x.device, dtype=torch.long)
+        elif not torch.compiler.is_compiling() and (y.min() < 0 or y.max() > self.num_classes):
+            raise ValueError(f"labels must lie in [0, {self.num_classes}] (index {self.num_classes} "
+                             f"means 'no label'); got values in [{int(y.min())}, {int(y.max())}]")
+        return emb + self.label(y)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
+                cond_image: torch.Tensor | None = None) -> torch.Tensor:
+        if self.cond_channels:
+            if cond_image is None:
+                raise ValueError(f"this UNet has cond_channels={self.cond_channels}: pass cond_image "
+                                 f"of shape (B, {self.cond_channels}, H, W)")
+            if cond_image.shape != (x.shape[0], self.cond_channels, *x.shape[2:]):
+                raise ValueError(f"cond_image has shape {tuple(cond_image.shape)}, expected "
+                                 f"{(x.shape[0], self.cond_channels, *x.shape[2:])}")
+            x = torch.cat([x, cond_image], dim=1)  # (B, C + C_cond, H, W)
+        elif cond_image is not None:
+            raise ValueError("cond_image was given but this UNet was built with cond_channels=0")
+        emb = self._embed(x, t, y)
+        h = self.inp(x)
+        hs = [h]
+        for block in self.down:
+            h = block(h, emb)
+            hs.append(h)
+        h = self.mid(h, emb)
+        for block in self.up:
+            h = block(torch.cat([h, hs.pop()], dim=1), emb)  # (B, C + C_skip, H, W)
+        return self.out(h)

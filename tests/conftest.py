@@ -1,0 +1,12 @@
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Never touch the user's cache: the feature network is trained once per session into a temp dir."""
+    monkeypatch.setenv("DEEPGM_CACHE", str(tmp_path_factory.getbasetemp() / "deepgm-cache"))
