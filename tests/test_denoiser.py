@@ -13,7 +13,8 @@ def test_conversions_round_trip(parameterization, variance_preserving):
     g = torch.Generator().manual_seed(0)
     x0, eps = torch.randn(2, 64, 3, generator=g, dtype=torch.float64)
     alpha = torch.rand(64, 1, generator=g, dtype=torch.float64) * 0.98 + 0.01
-    sigma = torch.sqrt(1 - alpha**2) if variance_preserving else 10 * torch.rand(64, 1, generator=g, dtype=torch.float64)
+    free_sigma = 10 * torch.rand(64, 1, generator=g, dtype=torch.float64)
+    sigma = torch.sqrt(1 - alpha**2) if variance_preserving else free_sigma
     x = alpha * x0 + sigma * eps
     target = from_x0_eps(x0, eps, alpha, sigma, parameterization)
     got_x0, got_eps = to_x0_eps(target, x, alpha, sigma, parameterization)

@@ -32,7 +32,7 @@ def ddpm(denoiser, times: torch.Tensor, x: torch.Tensor, generator=None, cond=No
     if variance not in ("beta", "beta_tilde"):
         raise ValueError(f"variance must be 'beta' or 'beta_tilde', got {variance!r}")
     schedule = denoiser.schedule
-    for i, (t, s) in enumerate(zip(times[:-1], times[1:])):
+    for i, (t, s) in enumerate(zip(times[:-1], times[1:], strict=True)):
         x0 = denoiser(x, t, **(cond or {})).x0
         c_x0, c_xt, var = posterior(schedule, t, s)
         if variance == "beta":
@@ -49,7 +49,7 @@ def ddim(denoiser, times: torch.Tensor, x: torch.Tensor, generator=None, cond=No
          eta: float = 0.0) -> torch.Tensor:
     """DDIM (Song et al. 2021a, eq. 12): deterministic at eta=0, ancestral DDPM (beta_tilde) at eta=1."""
     schedule = denoiser.schedule
-    for i, (t, s) in enumerate(zip(times[:-1], times[1:])):
+    for i, (t, s) in enumerate(zip(times[:-1], times[1:], strict=True)):
         pred = denoiser(x, t, **(cond or {}))
         alpha_s, sigma_s = schedule.alpha_sigma(s)
         c = eta * posterior(schedule, t, s)[2].sqrt()  # std of the fresh noise
@@ -125,6 +125,7 @@ def sample(denoiser, schedule: Schedule | None = None, shape: tuple[int, ...] | 
         if return_trajectory:
             trajectory.append(x)
 
-    x = SAMPLERS[sampler](counted, times.to(x_T.device), x_T, generator=generator, cond=cond, callback=callback, **options)
+    run = SAMPLERS[sampler]
+    x = run(counted, times.to(x_T.device), x_T, generator=generator, cond=cond, callback=callback, **options)
     bar.close()
     return SampleOutput(x=x, nfe=counted.nfe, times=times, trajectory=trajectory)

@@ -74,14 +74,15 @@ class DiscreteVP(Schedule):
         self.T = len(betas)
         self.betas = betas
         # log alpha_bar at t_i = i/T for i = 0..T (alpha_bar_0 = 1)
-        self.log_alpha_bar = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(torch.log1p(-betas), 0)])
+        zero = torch.zeros(1, dtype=torch.float64)
+        self.log_alpha_bar = torch.cat([zero, torch.cumsum(torch.log1p(-betas), 0)])
 
     @classmethod
     def linear(cls, T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> DiscreteVP:
         """DDPM's linear betas, rescaled by 1000/T so every T discretises the same process."""
         scale = 1000.0 / T
         if beta_end * scale >= 1:
-            raise ValueError(f"linear schedule with T={T} would need beta_T={beta_end * scale:.3g} >= 1; use a larger T")
+            raise ValueError(f"linear schedule with T={T} needs beta_T={beta_end * scale:.3g} >= 1; use a larger T")
         return cls(torch.linspace(beta_start * scale, beta_end * scale, T, dtype=torch.float64), name="linear")
 
     @classmethod

@@ -1,0 +1,98 @@
+"""The command line end to end on tiny runs, and clear errors for bad input."""
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from deepgm.cli import main
+from deepgm.config import load_config
+
+TINY_IMAGES = ["train.steps=12", "train.batch_size=16", "train.warmup_steps=2", "train.log_every=4",
+               "train.checkpoint_every=6", "train.sample_every=6", "model.net.channels=16",
+               "model.schedule.T=40", "sample.steps=4", "eval.n_samples=40", "eval.steps=4",
+               "eval.vlb_examples=8"]
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("runs") / "digits"
+    assert main(["train", "demo-digits", *TINY_IMAGES, "--out", str(run), "--quiet"]) == 0
+    return run
+
+
+def test_train_writes_a_complete_run(digits_run):
+    assert (digits_run / "config.yaml").is_file()
+    assert yaml.safe_load((digits_run / "config.yaml").read_text())["train"]["steps"] == 12
+    assert (digits_run / "checkpoints" / "latest").read_text().strip() == "step-00000012"
+    lines = [json.loads(line) for line in (digits_run / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [4, 8, 12]
+    assert list((digits_run / "tb").glob("events.out.tfevents.*"))
+    assert (digits_run / "samples" / "step-00000006.png").is_file()
+    assert (digits_run / "loss_curve.png").is_file()
+
+
+def test_sample_writes_grid_and_npz(digits_run, tmp_path):
+    out = tmp_path / "s"
+    assert main(["sample", str(digits_run), "--sampler", "ddpm", "--steps", "5", "--n", "10", "--out", str(out)]) == 0
+    arrays = np.load(out.with_suffix(".npz"))
+    assert arrays["x"].shape == (10, 1, 8, 8) and int(arrays["nfe"]) == 5
+    assert list(arrays["y"]) == list(range(10))  # class-conditional: one of each digit
+    assert Image.open(out.with_suffix(".png")).size[0] >= 64
+
+
+def test_eval_reports_fid_with_floor_and_bits_per_dim(digits_run, capsys):
+    assert main(["eval", str(digits_run)]) == 0
+    metrics = json.loads((digits_run / "eval.json").read_text())
+    for key in ("fid", "fid_floor", "precision", "recall", "class_accuracy", "feature_net_test_accuracy", "test_bpd"):
+        assert np.isfinite(metrics[key]), key
+    assert metrics["fid_floor"] < metrics["fid"]  # 12 training steps are far from the data
+    assert metrics["test_bpd"] > 0 and metrics["bpd_levels"] == 17
+    for picture in ("forward_process.png", "reverse_process.png", "eval_samples.png"):
+        assert (digits_run / picture).is_file()
+
+
+def test_toy_run_trains_and_evaluates(tmp_path):
+    run = tmp_path / "toy"
+    args = ["train", "ddpm-toy", "train.steps=8", "train.log_every=4", "train.checkpoint_every=4",
+            "model.schedule.T=100", "sample.steps=10", "eval.n_samples=100", "eval.steps=10",
+            "eval.vlb_examples=16", "--out", str(run), "--quiet"]
+    assert main(args) == 0
+    assert main(["eval", str(run)]) == 0
+    metrics = json.loads((run / "eval.json").read_text())
+    assert metrics["sliced_wasserstein"] > metrics["sliced_wasserstein_floor"]
+
+
+def test_existing_run_needs_resume(digits_run, capsys):
+    assert main(["train", "demo-digits", "--out", str(digits_run), "--quiet"]) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["train", "no-such-config"], "not found"),
+    (["train", "demo-digits", "train.stepz=3"], "stepz"),
+    (["train", "demo-digits", "model.net.chanels=3"], "chanels"),
+    (["train", "demo-digits", "model.schedule.name=quadratic"], "unknown schedule"),
+    (["train", "demo-digits", "data.name=imagenet"], "unknown dataset"),
+    (["train", "demo-digits", "model.parameterization=score"], "parameterization"),
+    (["train", "demo-digits", "oops"], "key.subkey=value"),
+    (["sample", "/nonexistent/run"], "not a run directory"),
+    (["eval", "/nonexistent/run"], "not a run directory"),
+])
+def test_bad_input_gives_a_clear_error(args, message, capsys, tmp_path):
+    if args[0] == "train":
+        args = [*args, "--out", str(tmp_path / "r"), "--quiet"]
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_yaml_file_is_reported(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [unclosed\n")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        load_config(bad)
+    bad.write_text("trainer: {steps: 3}\n")
+    with pytest.raises(ValueError, match="unknown config section"):
+        load_config(bad)
