@@ -1,0 +1,167 @@
+"""Checkpoints as safetensors + JSON (no pickle), written atomically so a kill never leaves a broken `latest`.
+
+run_dir/checkpoints/step-00000500/
+    model.safetensors    raw weights        metadata {"weights": "raw", "step": ...}
+    ema.safetensors      EMA weights        metadata {"weights": "ema", "decay": ..., "step": ...}
+    trainer.safetensors  optimizer tensors as optimizer.<param>.<state>, generator.<name>, scaler.<key>
+    trainer.json         step, counters, optimizer hyper-parameters and non-tensor state, train config
+run_dir/checkpoints/latest  the name of the newest complete checkpoint directory
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # a fresh contiguous CPU copy: safetensors refuses shared storage (tied weights) and device tensors
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
+
+
+def _param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """Names of the optimizer's parameters in the order its state_dict numbers them."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The checkpoint `latest` names; if that is missing, the newest complete one; None when there is none."""
+    root = Path(run_dir) / CHECKPOINTS
+    pointer = root / LATEST
+    if pointer.is_file():
+        named = root / pointer.read_text().strip()
+        if (named / "trainer.json").is_file():
+            return named
+    # trainer.json is written last, so its presence marks a complete directory; *.tmp are unfinished writes
+    done = sorted(p for p in root.glob("step-*") if not p.name.endswith(".tmp") and (p / "trainer.json").is_file())
+    return done[-1] if done else None
+
+
+def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, ema_model: nn.Module,
+                    optimizer: torch.optim.Optimizer, generators: dict[str, torch.Generator],
+                    extra: dict | None = None, scaler: torch.amp.GradScaler | None = None,
+                    ema_decay: float = 0.0, keep: int = 2) -> Path:
+    """Write checkpoint `step` into run_dir/checkpoints atomically, point `latest` at it, prune to `keep` newest."""
+    root = Path(run_dir) / CHECKPOINTS
+    final = root / f"step-{step:08d}"
+    tmp = root / f"{final.name}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+
+    save_file(_tensors(model.state_dict()), tmp / "model.safetensors", {"weights": "raw", "step": str(step)})
+    save_file(_tensors(ema_model.state_dict()), tmp / "ema.safetensors",
+              {"weights": "ema", "decay": str(ema_decay), "step": str(step)})
+
+    tensors: dict[str, torch.Tensor] = {}
+    plain: dict[str, dict] = {}
+    opt_state = optimizer.state_dict()
+    for index, name in enumerate(_param_names(model, optimizer)):
+        for key, value in opt_state["state"].get(index, {}).items():
+            if torch.is_tensor(value):
+                tensors[f"optimizer.{name}.{key}"] = value
+            else:
+                plain.setdefault(name, {})[key] = value
+    for name, generator in generators.items():
+        tensors[f"generator.{name}"] = generator.get_state()
+    if scaler is not None and scaler.is_enabled():
+        for key, value in scaler.state_dict().items():
+            dtype = torch.int64 if isinstance(value, int) else torch.float64  # .item() gives the type back
+            tensors[f"scaler.{key}"] = torch.tensor(value, dtype=dtype)
+    save_file(_tensors(tensors), tmp / "trainer.safetensors", {"step": str(step)})
+
+    record = {"step": step, **(extra or {}),
+              "optimizer": {"param_groups": opt_state["param_groups"], "state": plain}}
+    (tmp / "trainer.json").write_text(json.dumps(record, indent=2))  # last: marks the directory complete
+    for f in tmp.iterdir():
+        _fsync(f)
+
+    if final.exists():  # an older copy of this step: move it aside (renames are atomic, rmtree is not)
+        aside = root / f"{final.name}.old.tmp"
+        shutil.rmtree(aside, ignore_errors=True)
+        os.rename(final, aside)
+    os.rename(tmp, final)
+    _write_text_atomic(root / LATEST, final.name + "\n")
+    _prune(root, keep, final)
+    return final
+
+
+def _prune(root: Path, keep: int, current: Path) -> None:
+    """Keep the `keep` newest checkpoints (0 keeps all) and drop unfinished *.tmp writes."""
+    for stale in root.glob("step-*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+    if keep <= 0:
+        return
+    done = sorted(p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
+    for old in done[:-keep]:
+        if old != current:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(path: str | Path, model: nn.Module, ema_model: nn.Module, optimizer: torch.optim.Optimizer,
+                    generators: dict[str, torch.Generator], scaler: torch.amp.GradScaler | None = None) -> dict:
+    """Restore everything save_checkpoint wrote into the given objects; returns the trainer.json record."""
+    path = Path(path)
+    for name in ("model.safetensors", "ema.safetensors", "trainer.safetensors", "trainer.json"):
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"checkpoint {path} is incomplete: {name} is missing")
+    model.load_state_dict(load_file(path / "model.safetensors"))
+    ema_model.load_state_dict(load_file(path / "ema.safetensors"))
+    record = json.loads((path / "trainer.json").read_text())
+    tensors = load_file(path / "trainer.safetensors")
+
+    names = _param_names(model, optimizer)
+    index = {name: i for i, name in enumerate(names)}
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            name, field = key[len("optimizer."):].rsplit(".", 1)
+            state.setdefault(index[name], {})[field] = value
+    for name, fields in record["optimizer"]["state"].items():
+        state.setdefault(index[name], {}).update(fields)
+    groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()}
+              for g in record["optimizer"]["param_groups"]]  # JSON turned tuples (betas) into lists
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+    for name, generator in generators.items():
+        generator.set_state(tensors[f"generator.{name}"])
+    if scaler is not None and scaler.is_enabled():
+        scaler.load_state_dict({k[len("scaler."):]: v.item() for k, v in tensors.items() if k.startswith("scaler.")})
+    return record
+
+
+def load_weights(path: str | Path, which: str = "ema") -> dict[str, torch.Tensor]:
+    """The EMA ("ema") or raw ("raw") weights of a checkpoint directory (or a run directory's latest one)."""
+    if which not in ("ema", "raw"):
+        raise ValueError(f"which must be 'ema' or 'raw', got {which!r}")
+    path = Path(path)
+    if (path / CHECKPOINTS).is_dir():
+        path = latest_checkpoint(path) or path / CHECKPOINTS
+    file = path / ("ema.safetensors" if which == "ema" else "model.safetensors")
+    if not file.is_file():
+        raise FileNotFoundError(f"no {which} weights at {file}")
+    return load_file(file)
