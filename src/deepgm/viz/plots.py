@@ -13,6 +13,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+LOG_SPAN = 3.0  # log-y only for positive curves spanning at least this factor: narrower ones read better linear
+
 
 def _finish(fig, path: str | Path) -> Path:
     path = Path(path)
@@ -48,16 +50,17 @@ def _moving_average(v: np.ndarray, window: int) -> np.ndarray:
 
 
 def _is_noisy(v: np.ndarray, log: bool) -> bool:
-    """Step-to-step jitter large compared with the curve's overall range."""
+    """Step-to-step jitter large compared with the range of the curve's second half (where trends have flattened)."""
     if len(v) < 10:
         return False
     u = np.log(v) if log else v
-    spread = u.max() - u.min()
-    return spread > 0 and np.median(np.abs(np.diff(u))) > 0.05 * spread
+    tail = u[len(u) // 2:]
+    spread = tail.max() - tail.min()
+    return spread > 0 and np.median(np.abs(np.diff(u))) > 0.1 * spread
 
 
 def plot_metrics(metrics_jsonl: str | Path, path: str | Path, keys: list[str] | None = None) -> Path:
-    """One subplot per numeric metric vs step (log-y when all positive, moving average over noisy curves)."""
+    """One subplot per numeric metric vs step (log-y when positive over a wide range, smoothed when noisy)."""
     records = read_metrics(metrics_jsonl)
     available = list(dict.fromkeys(k for r in records for k, v in r.items() if k != "step" and _is_number(v)))
     if keys is not None:
@@ -76,7 +79,7 @@ def plot_metrics(metrics_jsonl: str | Path, path: str | Path, keys: list[str] | 
     for ax, key in zip(axes.flat, available, strict=False):
         pairs = [(r["step"], r[key]) for r in records if _is_number(r.get(key))]
         steps, values = (np.array(p, dtype=np.float64) for p in zip(*pairs, strict=True))
-        log = bool((values > 0).all())
+        log = bool((values > 0).all()) and values.max() >= LOG_SPAN * values.min()
         noisy = _is_noisy(values, log)
         ax.plot(steps, values, color="C0", alpha=0.3 if noisy else 1.0, lw=1)
         if noisy:
