@@ -2,6 +2,12 @@
 
 A trainable model is any nn.Module with `loss(batch, generator) -> (scalar loss, {name: term})` that draws
 all its randomness from `generator`; with that, a resumed run is bitwise the run that never stopped.
+
+Under torchrun the same loop is data-parallel (DistributedDataParallel; see distributed.py): `batch_size` is
+the global batch, each process computes the mean loss on its own slice with its own noise stream, and DDP's
+gradient average makes the update that of the whole batch. Scalars are averaged over processes before
+they are logged or checked for non-finite values, so every process takes the same decisions and holds the
+same weights and EMA; only rank 0 writes logs, checkpoints and pictures.
 """
 
 from __future__ import annotations
@@ -17,10 +23,13 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from deepgm.data.base import Dataset
+from deepgm.train import distributed
 from deepgm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from deepgm.train.ema import EMA
 
@@ -38,7 +47,9 @@ class TrainConfig:
     lr_schedule: str = "constant"  # or "cosine": decays to 0 at `steps` after the warm-up
     grad_clip: float | None = 1.0
     ema_decay: float = 0.999
-    amp: str = "none"  # "bf16" (CPU or CUDA) or "fp16" (CUDA, with a GradScaler)
+    amp: str = "none"  # "bf16" (CPU or CUDA), "fp16" (CUDA, with a GradScaler) or "auto" (see resolve_amp)
+    channels_last: bool = False  # channels-last memory format for the model's 4-D weights and image batches
+    compile: bool = False  # torch.compile the model's loss (forward and backward)
     device: str = "auto"
     seed: int = 0
     log_every: int = 50
@@ -64,8 +75,10 @@ class TrainConfig:
         need(self.grad_clip is None or self.grad_clip >= 0, "grad_clip", "None or >= 0")
         need(0 <= self.ema_decay < 1, "ema_decay", "in [0, 1)")
         need(self.lr_schedule in ("constant", "cosine"), "lr_schedule", "'constant' or 'cosine'")
-        need(self.amp in ("none", "bf16", "fp16"), "amp", "'none', 'bf16' or 'fp16'")
+        need(self.amp in ("none", "bf16", "fp16", "auto"), "amp", "'none', 'bf16', 'fp16' or 'auto'")
         need(isinstance(self.device, str), "device", "a string such as 'auto', 'cpu' or 'cuda'")
+        for name in ("channels_last", "compile"):
+            need(isinstance(getattr(self, name), bool), name, "true or false")
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
@@ -85,6 +98,10 @@ def _is_int(v) -> bool:
 def _coerce(name: str, value, default):
     """YAML reads `2e-4` as a string and `1` as an int: convert to the field's type or say which option is wrong."""
     try:
+        if isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise TypeError
+            return value
         if value is None or isinstance(default, str) or _is_int(value) and _is_int(default):
             return value
         if isinstance(value, bool):
@@ -98,6 +115,22 @@ def _coerce(name: str, value, default):
         return tuple(float(v) for v in value)
     except (TypeError, ValueError):
         raise ValueError(f"train option {name} must be like {default!r}, got {value!r}") from None
+
+
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """amp='auto' is bf16 autocast where the device has fast bf16 kernels (a CUDA GPU that supports bf16; a CPU
+    with oneDNN's bf16 kernels, i.e. AVX-512 or Arm bf16) and none elsewhere; other values are returned as given."""
+    if amp != "auto":
+        return amp
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "none"
+    if device.type == "cpu":
+        try:
+            return "bf16" if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() \
+                else "none"
+        except (AttributeError, RuntimeError):
+            return "none"
+    return "none"
 
 
 def learning_rate(config: TrainConfig, step: int) -> float:
@@ -135,9 +168,17 @@ class BatchSampler:
         return self._perm[start:start + self.local]
 
 
-def _floats(values: dict) -> dict[str, float]:
-    """Scalars as Python floats with a single device-to-host copy (one sync per step)."""
-    keys = [k for k, v in values.items() if torch.is_tensor(v)]
+def _floats(values: dict, mean_over_ranks: bool = False) -> dict[str, float]:
+    """Scalars as Python floats with a single device-to-host copy (one sync per step); with mean_over_ranks,
+    each is first averaged over the processes (one all-reduce; the same key order on every rank)."""
+    keys = sorted(k for k, v in values.items() if torch.is_tensor(v))
+    if mean_over_ranks:
+        device = values[keys[0]].device if keys else torch.device("cpu")
+        plain = sorted(k for k in values if k not in keys)
+        stacked = torch.cat([torch.stack([values[k].detach().double().mean().to(device) for k in keys])
+                             if keys else torch.zeros(0, dtype=torch.float64, device=device),
+                             torch.tensor([float(values[k]) for k in plain], dtype=torch.float64, device=device)])
+        return dict(zip(keys + plain, distributed.all_reduce_mean(stacked).tolist(), strict=True))
     if keys:
         device = values[keys[0]].device
         stacked = torch.stack([values[k].detach().double().mean().to(device) for k in keys]).tolist()
@@ -145,25 +186,50 @@ def _floats(values: dict) -> dict[str, float]:
     return {k: float(v) for k, v in values.items()}
 
 
+class _LossForward(nn.Module):
+    """`model.loss` as a module's forward: the call DistributedDataParallel and torch.compile wrap."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, torch.Tensor], generator: torch.Generator):
+        return self.model.loss(batch, generator)
+
+
 class Trainer:
-    """Trains `model` on `data` into `run_dir` (metrics.jsonl, tb/, checkpoints/); see TrainConfig."""
+    """Trains `model` on `data` into `run_dir` (metrics.jsonl, tb/, checkpoints/); see TrainConfig.
+
+    Started by torchrun, it joins the process group and trains data-parallel (module docstring).
+    """
 
     def __init__(self, model: nn.Module, data: Dataset, config: TrainConfig, run_dir: str | Path,
                  sample_fn: Callable[[nn.Module, int], None] | None = None, progress: bool = True):
         self.config, self.data, self.run_dir = config, data, Path(run_dir)
         self.sample_fn, self.progress = sample_fn, progress
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" \
-            else torch.device(config.device)
-        if config.amp == "fp16" and self.device.type != "cuda":
+        self.dist = distributed.setup(config.device)
+        self.device = self.dist.device
+        self.amp = resolve_amp(config.amp, self.device)  # what autocast runs: none, bf16 or fp16
+        if self.amp == "fp16" and self.device.type != "cuda":
             raise ValueError(f"amp='fp16' needs a CUDA device (got {self.device}); use amp='bf16' on CPU")
         self.model = model.to(self.device)
+        if config.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self._loss = _LossForward(self.model)
+        if self.dist.world_size > 1:  # DDP starts every rank from rank 0's weights and buffers
+            self._loss = DistributedDataParallel(
+                self._loss, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if config.compile:
+            self._loss = torch.compile(self._loss)
         self.ema = EMA(self.model, config.ema_decay)
         self.ema_model = self.ema.module
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, betas=tuple(config.betas),
                                            weight_decay=config.weight_decay)
-        self.scaler = torch.amp.GradScaler("cuda") if config.amp == "fp16" else None
-        self.sampler = BatchSampler(len(data), config.batch_size, config.seed)
-        self.noise_generator = torch.Generator(device=self.device).manual_seed(config.seed)
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp == "fp16" else None
+        self.sampler = BatchSampler(len(data), config.batch_size, config.seed, self.dist.rank, self.dist.world_size)
+        # each rank its own noise stream; rank 0's is the single-process one
+        self.noise_generator = torch.Generator(device=self.device).manual_seed(
+            distributed.rank_seed(config.seed, self.dist.rank))
         self.step = self.skipped_steps = self.consecutive_skips = 0
         self.metrics: dict = {}
 
@@ -171,9 +237,9 @@ class Trainer:
         return {"data": self.sampler.generator, "noise": self.noise_generator}
 
     def _autocast(self):
-        if self.config.amp == "none":
+        if self.amp == "none":
             return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.config.amp == "bf16" else torch.float16
+        dtype = torch.bfloat16 if self.amp == "bf16" else torch.float16
         return torch.autocast(self.device.type, dtype=dtype)
 
     def _train_step(self) -> tuple[dict[str, float], bool]:
@@ -182,17 +248,20 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         batch = {k: v.to(self.device, non_blocking=True) for k, v in self.data.batch(self.sampler(self.step)).items()}
-        self.model.train()
+        if self.config.channels_last:
+            batch = {k: v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v
+                     for k, v in batch.items()}
+        self._loss.train()
         self.optimizer.zero_grad(set_to_none=True)
         with self._autocast():
-            loss, terms = self.model.loss(batch, self.noise_generator)
+            loss, terms = self._loss(batch, self.noise_generator)
         (self.scaler.scale(loss) if self.scaler else loss).backward()
         if self.scaler:
             self.scaler.unscale_(self.optimizer)  # clip and check the true gradients
         grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip or math.inf)
         values = {"loss": loss, **terms}
         values.update(loss=loss, grad_norm=grad_norm)  # the trainer's own names win over same-named terms
-        values = _floats(values)
+        values = _floats(values, mean_over_ranks=self.dist.world_size > 1)  # the same on every rank
         ok = math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])
         if ok:
             if self.scaler:
@@ -211,10 +280,14 @@ class Trainer:
         cfg = self.config
         if self.step >= cfg.steps:
             return self.metrics or {"step": self.step}
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._truncate_metrics()
-        writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.step + 1 if self.step else None)
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress, desc="train", dynamic_ncols=True)
+        main = self.dist.is_main
+        writer = None
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._truncate_metrics()
+            writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.step + 1 if self.step else None)
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not (self.progress and main), desc="train",
+                   dynamic_ncols=True)
         sums: dict[str, float] = {}
         good = steps = 0
         seconds = 0.0
@@ -242,12 +315,15 @@ class Trainer:
                 if end or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0):
                     self.save()
                 if self.sample_fn and (end or (cfg.sample_every and self.step % cfg.sample_every == 0)):
-                    self.ema_model.eval()
-                    with torch.no_grad():
-                        self.sample_fn(self.ema_model, self.step)
+                    if main:
+                        self.ema_model.eval()
+                        with torch.no_grad():
+                            self.sample_fn(self.ema_model, self.step)
+                    distributed.barrier()
         finally:
             bar.close()
-            writer.close()
+            if writer is not None:
+                writer.close()
         return self.metrics
 
     def _skip(self, values: dict[str, float]) -> None:
@@ -261,15 +337,18 @@ class Trainer:
                 f"finite update")
 
     def _log(self, values: dict[str, float], steps: int, seconds: float, writer) -> None:
+        """Record a metrics line (on every rank, so all return the same metrics); rank 0 writes it."""
         record = {"step": self.step, **values, "skipped_steps": self.skipped_steps,
                   "sec_per_step": seconds / max(steps, 1),
                   "examples_per_sec": self.config.batch_size * steps / max(seconds, 1e-12)}
+        self.metrics = record
+        if writer is None:
+            return
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         for key, value in record.items():
             if key != "step":
                 writer.add_scalar(f"train/{key}", value, self.step)
-        self.metrics = record
 
     def _truncate_metrics(self) -> None:
         """Drop log lines past self.step (written after the checkpoint we resumed from) and any cut-off line."""
@@ -290,21 +369,50 @@ class Trainer:
         os.replace(tmp, path)
 
     def save(self) -> Path:
-        """Write a checkpoint of the current step (atomically; see checkpoint.py)."""
-        extra = {"skipped_steps": self.skipped_steps, "consecutive_skips": self.consecutive_skips,
-                 "config": asdict(self.config)}
-        path = save_checkpoint(self.run_dir, self.step, self.model, self.ema_model, self.optimizer,
-                               self._generators(), extra, self.scaler, self.config.ema_decay,
-                               self.config.keep_checkpoints)
+        """Write a checkpoint of the current step (atomically; see checkpoint.py). Under DDP every rank calls
+        it: rank 0 writes, with every rank's noise generator state (`generator.noise.rankR` for R > 0)."""
+        path = self.run_dir / "checkpoints" / f"step-{self.step:08d}"
+        generators = self._generators()
+        states = distributed.all_gather(self.noise_generator.get_state())
+        for r, state in enumerate(states[1:], start=1):
+            generators[f"noise.rank{r}"] = torch.Generator(device=self.device)
+            generators[f"noise.rank{r}"].set_state(state)
+        if self.dist.is_main:
+            extra = {"skipped_steps": self.skipped_steps, "consecutive_skips": self.consecutive_skips,
+                     "world_size": self.dist.world_size, "amp": self.amp, "config": asdict(self.config)}
+            path = save_checkpoint(self.run_dir, self.step, self.model, self.ema_model, self.optimizer,
+                                   generators, extra, self.scaler, self.config.ema_decay,
+                                   self.config.keep_checkpoints)
+        distributed.barrier()  # the checkpoint is complete before any rank goes on
         return path
 
     def resume(self) -> bool:
-        """Load the latest checkpoint in run_dir if there is one; returns whether it did."""
+        """Load the latest checkpoint in run_dir if there is one; returns whether it did.
+
+        Resuming at the world size that wrote the checkpoint is bitwise exact (each rank restores its own noise
+        stream). At another world size the weights, EMA, optimizer, step and data order (global batches depend
+        on (seed, step) only) carry over exactly; rank 0 restores its noise stream and ranks the checkpoint has
+        none for start a fresh one, rank_seed(seed, rank, step), so the noise differs from an uninterrupted run.
+        """
         path = latest_checkpoint(self.run_dir)
+        if self.dist.world_size > 1:  # every rank must see the same checkpoint (a filesystem all nodes share)
+            seen = distributed.all_gather(torch.tensor([-1 if path is None else int(path.name[5:13])]))
+            if len({int(s) for s in seen}) > 1:
+                raise FileNotFoundError(
+                    f"ranks see different latest checkpoints in {self.run_dir / 'checkpoints'} (steps by rank: "
+                    f"{[int(s) for s in seen]}, -1 = none): multi-node runs need run_dir on a shared filesystem")
         if path is None:
             return False
-        record = load_checkpoint(path, self.model, self.ema_model, self.optimizer, self._generators(), self.scaler)
+        generators = {"data": self.sampler.generator}
+        noise = "noise" if self.dist.rank == 0 else f"noise.rank{self.dist.rank}"
+        if (path / "trainer.safetensors").is_file():
+            with safe_open(path / "trainer.safetensors", "pt") as f:
+                if f"generator.{noise}" in f.keys():
+                    generators[noise] = self.noise_generator
+        record = load_checkpoint(path, self.model, self.ema_model, self.optimizer, generators, self.scaler)
         self.step = record["step"]
+        if noise not in generators:
+            self.noise_generator.manual_seed(distributed.rank_seed(self.config.seed, self.dist.rank, self.step))
         self.skipped_steps = record.get("skipped_steps", 0)
         self.consecutive_skips = record.get("consecutive_skips", 0)
         saved = record.get("config", {})
@@ -312,5 +420,11 @@ class Trainer:
         if changed:
             warnings.warn(f"resuming with a different {', '.join(changed)}: the data order and noise will differ "
                           f"from an uninterrupted run", stacklevel=2)
-        self._truncate_metrics()
+        if record.get("world_size", 1) != self.dist.world_size and self.dist.is_main:
+            warnings.warn(f"resuming a checkpoint written by {record.get('world_size', 1)} process(es) with "
+                          f"{self.dist.world_size}: weights, EMA, optimizer and data order carry over exactly; the "
+                          f"per-example noise differs from an uninterrupted run (each process draws its own)",
+                          stacklevel=2)
+        if self.dist.is_main:
+            self._truncate_metrics()
         return True
