@@ -2,12 +2,12 @@
 
 import pytest
 import torch
-from deepgm.eval.metrics import sliced_wasserstein
 
 import deepgm
 from deepgm.data import make_mixture
 from deepgm.diffusion.denoiser import Denoiser
 from deepgm.diffusion.schedules import DiscreteVP
+from deepgm.eval.metrics import sliced_wasserstein
 
 
 def oracle(gmm, schedule):

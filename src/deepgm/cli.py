@@ -1,4 +1,4 @@
-"""Command line: deepgm train | sample | eval | demo."""
+"""Command line: deepgm train | sample | eval | collapse | table | data fetch | demo."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from deepgm.diffusion.grids import available_grids
 from deepgm.diffusion.samplers import available_samplers
 from deepgm.diffusion.schedules import SCHEDULES
 
@@ -15,26 +16,69 @@ from deepgm.diffusion.schedules import SCHEDULES
 def _train(args) -> None:
     from deepgm.config import load_config
     from deepgm.pipeline import train_run
+    from deepgm.train import distributed
 
     config = load_config(args.config, args.overrides)
     run_dir = Path(args.out or Path("runs") / config["name"])
     metrics = train_run(config, run_dir, resume=args.resume, progress=not args.quiet)
-    print(f"trained {config['name']} to step {metrics.get('step')}: run in {run_dir}")
+    if distributed.is_main():  # under torchrun, one line rather than one per process
+        print(f"trained {config['name']} to step {metrics.get('step')}: run in {run_dir}")
+
+
+def _data_fetch(args) -> None:
+    from deepgm.data.fetch import DownloadError, fetch
+
+    try:
+        folder = fetch(args.name, args.root, mirrors=args.mirror, progress=not args.quiet)
+    except DownloadError as err:  # reported like the other user-facing errors (exit status 2)
+        raise ValueError(str(err)) from None
+    print(f"{args.name}: verified files in {folder}; train with data: {{name: {args.name}, root: {args.root}}}")
 
 
 def _sample(args) -> None:
     from deepgm.pipeline import sample_run
 
     options = {"eta": args.eta} if args.eta is not None else {}
+    if args.grid is not None:
+        options["grid"] = args.grid
     path = sample_run(args.run, args.sampler, args.steps, args.n, args.seed, args.out, args.weights, **options)
     print(f"wrote {path} and {path.with_suffix('.npz')}")
 
 
 def _eval(args) -> None:
-    from deepgm.pipeline import evaluate_run
+    from deepgm.pipeline import evaluate_run, likelihood_run
 
+    if args.nll:
+        m = likelihood_run(args.run, args.nll_examples, args.divergence, args.probes, seed=args.seed, iwae_k=args.k)
+        unit = f"bits/dim, {m['levels']} levels" if m["levels"] else "bits/dim of the density"
+        for key, name in (("ode", "probability-flow ODE NLL"), ("elbo", "continuous ELBO (bound)"),
+                          ("iwae", f"-IWAE_{args.k} (bound)")):
+            if key not in m:
+                continue
+            r = m[key]
+            print(f"{name:26s} {r['bpd']:.4f} ± {r['bpd_ci95']:.4f} {unit} (95% CI, {r['n']} test examples, "
+                  f"NFE {r['nfe']}) — {r['note']}")
+        print(f"written to {Path(args.run) / 'nll.json'}")
+        return
     metrics = evaluate_run(args.run, args.n_samples, args.sampler, args.steps, args.vlb_examples, args.seed)
     print(json.dumps(metrics, indent=2))
+
+
+def _collapse(args) -> None:
+    from deepgm.vae.experiments import run_collapse
+
+    summary = run_collapse(args.out, args.steps, args.k, args.overrides, progress=not args.quiet)
+    print((Path(args.out) / "collapse.md").read_text())
+    print(f"table, curves and runs in {args.out}/ (collapse.md, collapse.json, collapse.png); "
+          f"{len(summary['runs'])} runs")
+
+
+def _table(args) -> None:
+    from deepgm.vae.experiments import comparison_table
+
+    comparison_table(args.runs, args.out, args.k, args.n_samples, args.seed, args.examples, progress=not args.quiet,
+                     ode=not args.no_ode)
+    print(Path(args.out).with_suffix(".md").read_text())
 
 
 def _demo(args) -> None:
@@ -80,10 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_train)
 
     p = sub.add_parser("sample", help="sample a trained run: writes a PNG grid and an .npz",
-                       epilog=f"samplers: {', '.join(available_samplers())}; schedules: {', '.join(sorted(SCHEDULES))}")
+                       epilog=f"samplers: {', '.join(available_samplers())}; grids: {', '.join(available_grids())}; "
+                              f"schedules: {', '.join(sorted(SCHEDULES))}")
     p.add_argument("run", help="run directory")
     p.add_argument("--sampler", choices=available_samplers(), help="default: the config's sample.sampler")
     p.add_argument("--steps", type=int, help="number of sampler steps (default: the config's)")
+    p.add_argument("--grid", choices=available_grids(),
+                   help="time grid (default: uniform for ddpm/ddim, else trig); see deepgm.diffusion.grids")
     p.add_argument("--n", type=int, default=64, help="number of samples")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eta", type=float, help="DDIM eta (0 deterministic, 1 ancestral)")
@@ -98,7 +145,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int)
     p.add_argument("--vlb-examples", type=int, help="test examples for the bits/dim bound")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--nll", action="store_true",
+                   help="instead: test NLL by the probability-flow ODE and the continuous ELBO, bits/dim with 95%% CI")
+    p.add_argument("--nll-examples", type=int, help="test examples for --nll (default: all)")
+    p.add_argument("--divergence", choices=["exact", "hutchinson"], default="hutchinson",
+                   help="ODE divergence for --nll: exact (D backward passes) or Hutchinson's estimator")
+    p.add_argument("--probes", type=int, default=1, help="Hutchinson probes (Rademacher) for --nll")
+    p.add_argument("--k", type=int, default=1000, help="importance samples of the IWAE bound for a VAE's --nll")
     p.set_defaults(func=_eval)
+
+    p = sub.add_parser("collapse", help="the posterior-collapse study: PixelCNN-decoder VAEs with and without remedies")
+    p.add_argument("overrides", nargs="*", help="overrides for every run, e.g. train.batch_size=32")
+    p.add_argument("--out", default="runs/collapse", help="directory for the five runs, the table and the plot")
+    p.add_argument("--steps", type=int, help="training steps per run (default: the config's)")
+    p.add_argument("--k", type=int, default=200, help="importance samples of the IWAE bound")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_collapse)
+
+    p = sub.add_parser("table", help="test NLL (bits/dim), ELBO, KL, active units and FID of trained runs, one table")
+    p.add_argument("runs", nargs="+", help="run directories (VAEs, HVAEs, diffusion models)")
+    p.add_argument("--out", default="runs/table", help="output stem: writes OUT.md and OUT.json")
+    p.add_argument("--k", type=int, default=1000, help="importance samples of the IWAE bound")
+    p.add_argument("--n-samples", type=int, default=1000, help="samples for FID")
+    p.add_argument("--examples", type=int, help="test examples (default: all)")
+    p.add_argument("--no-ode", action="store_true", help="skip the (slow) probability-flow ODE NLL of diffusion runs")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_table)
+
+    p = sub.add_parser("data", help="dataset files: `deepgm data fetch mnist|fashion-mnist|cifar10 --root DIR`")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    p = data_sub.add_parser("fetch", help="download a dataset into ROOT/NAME, verify its checksums (resumes)")
+    p.add_argument("name", choices=["mnist", "fashion-mnist", "cifar10"])
+    p.add_argument("--root", default="data", help="folder for dataset files (default ./data)")
+    p.add_argument("--mirror", action="append", help="base URL to fetch from instead of the built-in mirrors "
+                                                      "(repeatable; tried in order)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_data_fetch)
 
     p = sub.add_parser("demo", help="train, sample and evaluate a DDPM on digits in a few minutes")
     p.add_argument("--out", default="runs/demo", help="run directory (replaced)")

@@ -55,3 +55,30 @@ def dequantized_to_discrete_nll(nll_density: torch.Tensor, dims: int, levels: in
     With u ~ U(bin), log P(x) >= E_u log p(x + u) + D log(bin width), bin width 2/(K-1).
     """
     return nll_density - dims * math.log(2.0 / (levels - 1))
+
+
+def bernoulli_log_prob(x, logits) -> torch.Tensor:
+    """Elementwise log Bernoulli(x; sigmoid(logits)) for x in {0, 1}: x l - softplus(l) (binarised data)."""
+    return x * logits - torch.nn.functional.softplus(logits)
+
+
+def _log_sigmoid_diff(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """log(sigmoid(b) - sigmoid(a)) for a < b, accurate in both tails (uses sigmoid(-x) = 1 - sigmoid(x))."""
+    flip = a > 0
+    lo = torch.where(flip, -b, a)
+    hi = torch.where(flip, -a, b)
+    log_hi, log_lo = torch.nn.functional.logsigmoid(hi), torch.nn.functional.logsigmoid(lo)
+    d = (log_lo - log_hi).clamp(max=-1e-12)  # log of sigmoid(lo)/sigmoid(hi) < 0
+    # log(1 - e^d): expm1 near 0 (tiny bins relative to the scale), log1p far from it
+    log1mexp = torch.where(d > -0.6931, torch.log(-torch.expm1(d)), torch.log1p(-torch.exp(d)))
+    return log_hi + log1mexp
+
+
+def discretized_logistic_log_prob(x, mean, log_scale, levels: int) -> torch.Tensor:
+    """Elementwise log-probability of the level x under Logistic(mean, e^log_scale) integrated over x's bin
+    (Salimans et al. 2017, PixelCNN++ eq. 2, single component), edge bins open like the discretised Gaussian."""
+    half_bin = 1.0 / (levels - 1)
+    inv_scale = torch.exp(-log_scale)
+    upper = torch.where(x > 1 - half_bin, torch.full_like(x, math.inf), (x - mean + half_bin) * inv_scale)
+    lower = torch.where(x < -1 + half_bin, torch.full_like(x, -math.inf), (x - mean - half_bin) * inv_scale)
+    return _log_sigmoid_diff(lower, upper)

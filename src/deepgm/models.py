@@ -47,17 +47,65 @@ def build_net(spec: dict, data: Dataset, class_conditional: bool = False) -> nn.
 
 
 def build_ddpm(spec: dict, data: Dataset) -> DiffusionModel:
-    allowed = {"kind", "net", "schedule", "parameterization", "loss", "class_conditional", "label_dropout"}
+    """A diffusion model: `weighting` is a name or {name, t_sampling, gamma, ...} (`loss` is its older spelling)."""
+    allowed = {"kind", "net", "schedule", "parameterization", "loss", "weighting", "sigma_data", "class_conditional",
+               "label_dropout"}
     spec = _options(spec, allowed, "model (ddpm)")
+    if "loss" in spec and "weighting" in spec:
+        raise ValueError("model: give either `weighting` or its older spelling `loss`, not both")
     schedule_spec = dict(spec.get("schedule", {"name": "cosine", "T": 1000}))
     schedule = make_schedule(schedule_spec.pop("name", "cosine"), **schedule_spec)
     conditional = bool(spec.get("class_conditional", False))
     net = build_net(spec.get("net", {}), data, conditional)
-    return DiffusionModel(net, schedule, spec.get("parameterization", "eps"), spec.get("loss", "simple"),
-                          levels=data.levels, label_dropout=float(spec.get("label_dropout", 0.0)))
+    return DiffusionModel(net, schedule, spec.get("parameterization", "eps"),
+                          spec.get("weighting", spec.get("loss", "simple")), levels=data.levels,
+                          label_dropout=float(spec.get("label_dropout", 0.0)),
+                          sigma_data=float(spec.get("sigma_data", 0.5)))
 
 
-MODELS: dict[str, Callable[[dict, Dataset], nn.Module]] = {"ddpm": build_ddpm}
+_LATENT_OPTIONS = {"kind", "head", "beta", "warmup_steps", "free_bits", "free_bits_mode"}
+
+
+def _latent_options(spec: dict) -> dict:
+    return {"beta": float(spec.get("beta", 1.0)), "warmup_steps": int(spec.get("warmup_steps", 0)),
+            "free_bits": float(spec.get("free_bits", 0.0))}
+
+
+def build_vae(spec: dict, data: Dataset) -> nn.Module:
+    """A VAE (conditional with class_conditional): encoder mlp|conv, decoder mlp|conv|pixelcnn, a likelihood head."""
+    from deepgm.vae.heads import head_from_spec
+    from deepgm.vae.vae import VAE, make_decoder, make_encoder
+
+    allowed = _LATENT_OPTIONS | {"latent_dim", "encoder", "decoder", "class_conditional", "aggressive"}
+    spec = _options(spec, allowed, "model (vae)")
+    classes = data.num_classes if spec.get("class_conditional", False) else None
+    if spec.get("class_conditional", False) and not classes:
+        raise ValueError(f"class_conditional needs a labelled dataset; {data.name!r} has no labels")
+    head = head_from_spec(spec.get("head", "discretized_logistic"), data.levels)
+    latent = int(spec.get("latent_dim", 16))
+    encoder = make_encoder(spec.get("encoder", "mlp"), data.shape, latent, classes)
+    decoder = make_decoder(spec.get("decoder", "mlp"), data.shape, latent, head.params_per_dim, classes)
+    return VAE(encoder, decoder, head, latent, data.shape, classes, free_bits_mode=spec.get("free_bits_mode", "dim"),
+               aggressive=spec.get("aggressive"), **_latent_options(spec))
+
+
+def build_hvae(spec: dict, data: Dataset) -> nn.Module:
+    """A top-down hierarchical VAE over `group_dims` (top group first): vector groups with an mlp|conv stem and
+    decoder, or, with `resolutions`, groups of group_dims[l] feature maps at those resolutions (all conv)."""
+    from deepgm.vae.heads import head_from_spec
+    from deepgm.vae.hvae import HVAE
+
+    spec = _options(spec, _LATENT_OPTIONS | {"group_dims", "hidden", "encoder", "decoder", "channels", "dropout",
+                                             "resolutions"}, "model (hvae)")
+    head = head_from_spec(spec.get("head", "discretized_logistic"), data.levels)
+    groups = [int(d) for d in spec.get("group_dims", [16, 16, 16])]
+    return HVAE(head, data.shape, groups, int(spec.get("hidden", 256)), spec.get("encoder", "mlp"),
+                spec.get("decoder", "mlp"), int(spec.get("channels", 32)), float(spec.get("dropout", 0.0)),
+                free_bits_mode=spec.get("free_bits_mode", "group"), resolutions=spec.get("resolutions"),
+                **_latent_options(spec))
+
+
+MODELS: dict[str, Callable[[dict, Dataset], nn.Module]] = {"ddpm": build_ddpm, "vae": build_vae, "hvae": build_hvae}
 
 
 def build_model(spec: dict, data: Dataset) -> nn.Module:

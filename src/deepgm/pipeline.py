@@ -20,11 +20,14 @@ from deepgm.data import Dataset, load_dataset
 from deepgm.diffusion.denoiser import Thresholded
 from deepgm.diffusion.losses import noise_data, vlb
 from deepgm.diffusion.model import DiffusionModel
-from deepgm.diffusion.samplers import sample
+from deepgm.diffusion.samplers import SampleOutput, sample
 from deepgm.likelihood import bits_per_dim
 from deepgm.models import build_model
-from deepgm.train import TrainConfig, Trainer, latest_checkpoint, load_weights
+from deepgm.train import TrainConfig, Trainer, distributed, latest_checkpoint, load_weights
+from deepgm.vae.experiments import evaluate_latent, iwae_summary
+from deepgm.vae.vae import LatentVariableModel
 from deepgm.viz import plot_metrics, save_image_grid, save_strip, scatter_2d
+from deepgm.viz.score_plots import toy_run_pictures
 
 
 def load_data(config: dict, split: str) -> Dataset:
@@ -50,6 +53,9 @@ def draw_samples(model: DiffusionModel, data: Dataset, n: int, sampler: str, ste
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     cond = _class_labels(model, n, device)
+    if not isinstance(model, DiffusionModel):  # other families sample themselves: generate(n, generator, cond) -> x
+        x = model.generate(n, generator, cond or None)
+        return SampleOutput(x=x, nfe=getattr(model, "sampling_nfe", 1), times=torch.empty(0)), cond.get("y")
     return sample(_sampling_denoiser(model, data, clip), None, (n, *data.shape), sampler=sampler, steps=steps,
                   generator=generator, cond=cond, progress=progress, device=device,
                   return_trajectory=return_trajectory, **options), cond.get("y")
@@ -58,7 +64,7 @@ def draw_samples(model: DiffusionModel, data: Dataset, n: int, sampler: str, ste
 def save_samples_picture(x: torch.Tensor, data: Dataset, path: Path) -> Path:
     """A grid for images, a scatter over the data for 2-D points."""
     if data.is_image:
-        return save_image_grid(x, path)
+        return save_image_grid(x.clamp(-1, 1), path)
     if x.shape[1] == 2:
         return scatter_2d(x, path, reference=data.x[:2000])
     return path
@@ -68,17 +74,21 @@ def train_run(config: dict, run_dir: Path, resume: bool = False, progress: bool 
     """Train the model a config describes into run_dir; resume=True continues an interrupted run exactly."""
     check_config(config)
     run_dir = Path(run_dir)
+    train_config = TrainConfig.from_dict({"seed": config["seed"], **config["train"]})
+    main = distributed.setup(train_config.device).is_main  # under torchrun: join the process group
     saved = run_dir / "config.yaml"
     if saved.exists() and not resume:
         raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
     if resume and not latest_checkpoint(run_dir):
         raise FileNotFoundError(f"--resume: no checkpoint in {run_dir / 'checkpoints'} to resume from")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    train_config = TrainConfig.from_dict({"seed": config["seed"], **config["train"]})
+    distributed.barrier()  # every rank has looked before rank 0 writes
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config["seed"])
     data = load_data(config, "train")
     model = build_model(config["model"], data)
-    save_config(config, saved)
+    if main:
+        save_config(config, saved)
     grid = config["sample"]
 
     def sample_fn(ema_model: nn.Module, step: int) -> None:
@@ -90,7 +100,8 @@ def train_run(config: dict, run_dir: Path, resume: bool = False, progress: bool 
     if resume:
         trainer.resume()
     metrics = trainer.fit()
-    plot_metrics(run_dir / "metrics.jsonl", run_dir / "loss_curve.png")
+    if main:
+        plot_metrics(run_dir / "metrics.jsonl", run_dir / "loss_curve.png")
     return metrics
 
 
@@ -133,7 +144,8 @@ def sample_run(run_dir: str | Path, sampler: str | None = None, steps: int | Non
     steps = steps or grid["steps"]
     result, labels = draw_samples(run.model, run.data, n, sampler, steps, seed, clip=grid.get("clip", True),
                                   progress=progress, **options)
-    stem = Path(out) if out else Path(run_dir) / "samples" / f"{sampler}-{steps}steps-seed{seed}"
+    how = f"{sampler}-{steps}steps" if isinstance(run.model, DiffusionModel) else "ancestral"
+    stem = Path(out) if out else Path(run_dir) / "samples" / f"{how}-seed{seed}"
     stem.parent.mkdir(parents=True, exist_ok=True)
     arrays = {"x": result.x.cpu().numpy(), "nfe": np.array(result.nfe)}
     if labels is not None:
@@ -143,9 +155,10 @@ def sample_run(run_dir: str | Path, sampler: str | None = None, steps: int | Non
 
 
 def process_pictures(run: Run, run_dir: Path, seed: int = 0) -> list[Path]:
-    """The forward process on real images (x0 -> x_T) and a reverse trajectory, as PNG strips."""
+    """The forward process on real images (x0 -> x_T) and a reverse trajectory, as PNG strips; on 2-D points the
+    score field, reverse-SDE vs probability-flow-ODE paths and the ODE density next to the data."""
     if not run.data.is_image:
-        return []
+        return toy_run_pictures(run, run_dir, seed) if run.data.shape == (2,) else []
     schedule = run.model.schedule
     g = torch.Generator().manual_seed(seed)
     x0 = run.data.x[:6]
@@ -186,9 +199,41 @@ def evaluate_run(run_dir: str | Path, n_samples: int | None = None, sampler: str
         metrics["sliced_wasserstein_floor"] = sliced_wasserstein(run.data.x[: len(test)], test.x, generator=g)
     if spec.get("vlb", True) and getattr(run.model, "schedule", None) is not None and run.model.schedule.T:
         metrics.update(heldout_bits_per_dim(run.model, test, vlb_examples or spec["vlb_examples"], seed, progress))
+    if isinstance(run.model, LatentVariableModel):  # IWAE_k NLL, ELBO terms, active units, MI and VAE pictures
+        metrics.update(evaluate_latent(run.model, test, spec, run_dir, seed))
     (run_dir / "eval.json").write_text(json.dumps(metrics, indent=2))
     save_samples_picture(result.x[:64].cpu(), run.data, run_dir / "eval_samples.png")
-    process_pictures(run, run_dir, seed)
+    if isinstance(run.model, DiffusionModel):
+        process_pictures(run, run_dir, seed)
+    return metrics
+
+
+def likelihood_run(run_dir: str | Path, n_examples: int | None = None, divergence: str = "hutchinson",
+                   probes: int = 1, elbo_points: int = 64, seed: int = 0, weights: str = "ema",
+                   iwae_k: int = 1000) -> dict:
+    """Test-set likelihoods of a diffusion run in bits/dim with 95% intervals: the probability-flow ODE NLL
+    (uniformly dequantised on discrete data) and the continuous ELBO; for a VAE, -IWAE_k. Written to RUN/nll.json."""
+    from deepgm.diffusion.likelihood import elbo_nll, ode_nll
+
+    run_dir = Path(run_dir)
+    run = load_run(run_dir, weights)
+    test = load_data(run.config, "test")
+    if isinstance(run.model, LatentVariableModel):  # VAEs: the importance-weighted bound with k = iwae_k samples
+        metrics = {"run": str(run_dir), "weights": run.weights, "step": run.step, "levels": test.levels,
+                   "conditional": bool(run.model.num_classes), "iwae": iwae_summary(run.model, test, iwae_k,
+                                                                                    n_examples, seed)}
+        (run_dir / "nll.json").write_text(json.dumps(metrics, indent=2))
+        return metrics
+    if not isinstance(run.model, DiffusionModel):
+        raise ValueError(f"--nll needs a diffusion model or a VAE; {run_dir} holds a {type(run.model).__name__}")
+    x0 = test.x[:n_examples] if n_examples else test.x
+    cond = {"y": test.y[: len(x0)]} if run.model.num_classes and test.y is not None else None
+    denoiser = run.model.denoiser
+    ode = ode_nll(denoiser, x0, test.levels, cond, divergence, probes, generator=torch.Generator().manual_seed(seed))
+    elbo = elbo_nll(denoiser, x0, test.levels, elbo_points, torch.Generator().manual_seed(seed + 1), cond)
+    metrics = {"run": str(run_dir), "weights": run.weights, "step": run.step, "levels": test.levels,
+               "conditional": cond is not None, "ode": ode.summary(), "elbo": elbo.summary()}
+    (run_dir / "nll.json").write_text(json.dumps(metrics, indent=2))
     return metrics
 
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from deepgm.diffusion.schedules import Schedule
 
-PARAMETERIZATIONS = ("eps", "x0", "v")
+PARAMETERIZATIONS = ("eps", "x0", "v", "edm")
 
 
 def expand_like(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -24,12 +24,27 @@ def expand_like(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return v.reshape(-1, *([1] * (x.dim() - 1)))
 
 
-def to_x0_eps(out, x, alpha, sigma, parameterization: str):
+def edm_preconditioning(alpha, sigma, sigma_data: float = 0.5):
+    """c_skip, c_out, c_in, c_noise of Karras et al. (2022), Table 1, at the noise level s = sigma/alpha of
+    x_t / alpha = x0 + s n; c_in also absorbs that 1/alpha, so the network's input is c_in * x_t:
+    c_skip = sd^2/(s^2 + sd^2), c_out = s sd/sqrt(s^2 + sd^2), c_in = 1/(alpha sqrt(s^2 + sd^2)), c_noise = ln(s)/4."""
+    s = sigma / alpha
+    r = torch.sqrt(s**2 + sigma_data**2)
+    c_noise = 0.25 * torch.log(torch.as_tensor(s).clamp(min=1e-20))  # s = 0 only at t = 0, where c_out = 0
+    return sigma_data**2 / r**2, s * sigma_data / r, 1 / (alpha * r), c_noise
+
+
+def to_x0_eps(out, x, alpha, sigma, parameterization: str, sigma_data: float = 0.5):
     """(x0, eps) from a network output in the given parameterisation, with x = alpha x0 + sigma eps.
 
     v is defined for any (alpha, sigma) with r = sqrt(alpha^2 + sigma^2): v = (alpha eps - sigma x0)/r,
-    which is Salimans & Ho (2022)'s v when alpha^2 + sigma^2 = 1.
+    which is Salimans & Ho (2022)'s v when alpha^2 + sigma^2 = 1. "edm" is Karras et al. (2022) eq. 7:
+    x0 = c_skip x/alpha + c_out F.
     """
+    if parameterization == "edm":
+        c_skip, c_out, _, _ = edm_preconditioning(alpha, sigma, sigma_data)
+        x0 = c_skip * x / alpha + c_out * out
+        return x0, (x - alpha * x0) / sigma
     if parameterization == "eps":
         return (x - sigma * out) / alpha, out
     if parameterization == "x0":
@@ -41,8 +56,11 @@ def to_x0_eps(out, x, alpha, sigma, parameterization: str):
     raise ValueError(f"unknown parameterization {parameterization!r}; choose one of {PARAMETERIZATIONS}")
 
 
-def from_x0_eps(x0, eps, alpha, sigma, parameterization: str):
+def from_x0_eps(x0, eps, alpha, sigma, parameterization: str, sigma_data: float = 0.5):
     """The network target in the given parameterisation, inverse of `to_x0_eps`."""
+    if parameterization == "edm":  # Karras et al. (2022) eq. 8: F = (x0 - c_skip x/alpha) / c_out
+        c_skip, c_out, _, _ = edm_preconditioning(alpha, sigma, sigma_data)
+        return (x0 - c_skip * (alpha * x0 + sigma * eps) / alpha) / c_out
     if parameterization == "eps":
         return eps
     if parameterization == "x0":
@@ -73,29 +91,39 @@ class _FunctionNet(nn.Module):
 class Denoiser(nn.Module):
     """A network with a parameterisation and the schedule it was trained with."""
 
-    def __init__(self, net: nn.Module, schedule: Schedule, parameterization: str = "eps"):
+    def __init__(self, net: nn.Module, schedule: Schedule, parameterization: str = "eps", sigma_data: float = 0.5):
         super().__init__()
         if parameterization not in PARAMETERIZATIONS:
             raise ValueError(f"unknown parameterization {parameterization!r}; choose one of {PARAMETERIZATIONS}")
         self.net = net
         self.schedule = schedule
         self.parameterization = parameterization
+        self.sigma_data = sigma_data  # the data's std, used by "edm" only
 
     @classmethod
-    def from_fn(cls, fn: Callable, schedule: Schedule, parameterization: str = "x0") -> Denoiser:
+    def from_fn(cls, fn: Callable, schedule: Schedule, parameterization: str = "x0",
+                sigma_data: float = 0.5) -> Denoiser:
         """Wrap a plain callable fn(x_t, t, **cond) -> output, e.g. an analytic posterior mean."""
-        return cls(_FunctionNet(fn), schedule, parameterization)
+        return cls(_FunctionNet(fn), schedule, parameterization, sigma_data)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, **cond) -> Prediction:
-        """One network evaluation at (x_t, t); t is a scalar or (B,) tensor of times in [0, 1]."""
+        """One network evaluation at (x_t, t); t is a scalar or (B,) tensor of times in [0, 1].
+
+        The network sees (x_t, schedule.net_time(t)), or with "edm" (c_in x_t, c_noise) (Karras et al. 2022, eq. 7).
+        """
         t = torch.as_tensor(t, device=x.device, dtype=torch.float64)
         if t.dim() == 0:
             t = t.expand(x.shape[0])
-        alpha, sigma = (expand_like(v, x) for v in self.schedule.alpha_sigma(t))
-        out = self.net(x, t.to(x.dtype), **cond)
+        alpha_t, sigma_t = self.schedule.alpha_sigma(t)  # (B,) each
+        alpha, sigma = expand_like(alpha_t, x), expand_like(sigma_t, x)
+        if self.parameterization == "edm":
+            _, _, c_in, c_noise = edm_preconditioning(alpha_t, sigma_t, self.sigma_data)
+            out = self.net(expand_like(c_in, x) * x, c_noise.to(x.dtype), **cond)
+        else:
+            out = self.net(x, self.schedule.net_time(t).to(x.dtype), **cond)
         if out.shape != x.shape:
             raise ValueError(f"network output shape {tuple(out.shape)} differs from input {tuple(x.shape)}")
-        return Prediction(*to_x0_eps(out.to(x.dtype), x, alpha, sigma, self.parameterization))
+        return Prediction(*to_x0_eps(out.to(x.dtype), x, alpha, sigma, self.parameterization, self.sigma_data))
 
     def score(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
         """grad_x log p_t(x) = -eps / sigma_t."""

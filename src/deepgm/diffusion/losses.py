@@ -42,18 +42,20 @@ def prior_kl(schedule: Schedule, x0: torch.Tensor) -> torch.Tensor:
 
 
 def vlb_term(denoiser, x0: torch.Tensor, i: torch.Tensor, levels: int | None, variance: str = "beta_tilde",
-             generator=None, cond=None) -> torch.Tensor:
+             generator=None, cond=None, T: int | None = None) -> torch.Tensor:
     """One term of the bound per example (nats): L_{i-1} = KL(q(x_{s}|x_t,x_0) || p(x_s|x_t)) for i > 1,
     and the decoder term L_0 = -log p(x_0 | x_{1/T}) for i = 1, with t = i/T, s = (i-1)/T.
 
     The decoder is a Gaussian N(x0_hat, sigma_{t|s}^2) integrated over the data's bins when `levels`
     is given (discrete data), else a density. p's variance is beta_tilde or beta (DDPM sec. 3.2).
+    T defaults to the schedule's; a continuous schedule is discretised on the grid t_i = i/T.
     """
     if variance not in VARIANCES:
         raise ValueError(f"variance must be one of {VARIANCES}, got {variance!r}")
     schedule = denoiser.schedule
-    t = i.double() / schedule.T
-    s = (i - 1).double() / schedule.T
+    T = T or schedule.T
+    t = i.double() / T
+    s = (i - 1).double() / T
     x_t, _ = noise_data(schedule, x0, t, generator)
     x0_hat = denoiser(x_t, t, **(cond or {})).x0
     c_x0, c_xt, post_var = (expand_like(v, x0) for v in posterior(schedule, t, s))
@@ -84,18 +86,21 @@ def vlb_loss(denoiser, x0: torch.Tensor, levels: int | None, generator=None, con
 
 @torch.no_grad()
 def vlb(denoiser, x0: torch.Tensor, levels: int | None, generator=None, cond=None, variance: str = "beta_tilde",
-        progress: bool = False) -> dict[str, torch.Tensor]:
-    """The full bound, every term summed exactly, per example in nats: prior, diffusion, decoder, total."""
-    T = denoiser.schedule.T
+        progress: bool = False, T: int | None = None) -> dict[str, torch.Tensor]:
+    """The full bound, every term summed exactly, per example in nats: prior, diffusion, decoder, total.
+
+    T defaults to the schedule's steps; give it to bound a continuous-time model discretised on t_i = i/T.
+    """
+    T = T or denoiser.schedule.T
     if T is None:
-        raise ValueError("the discrete variational bound needs a discrete schedule (T steps)")
+        raise ValueError("the discrete variational bound needs a discrete schedule (T steps) or an explicit T")
     from tqdm.auto import tqdm
 
     diffusion = torch.zeros(x0.shape[0], dtype=torch.float64, device=x0.device)
     decoder = diffusion.clone()
     for i in tqdm(range(T, 0, -1), desc="VLB", disable=not progress, leave=False):
         index = torch.full((x0.shape[0],), i, device=x0.device)
-        term = vlb_term(denoiser, x0, index, levels, variance, generator, cond).double()
+        term = vlb_term(denoiser, x0, index, levels, variance, generator, cond, T).double()
         if i == 1:
             decoder += term
         else:

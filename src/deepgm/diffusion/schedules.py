@@ -27,6 +27,23 @@ class Schedule(ABC):
         alpha, sigma = self.alpha_sigma(t)
         return 2 * (torch.log(alpha) - torch.log(sigma))
 
+    def t_from_log_snr(self, lam: torch.Tensor) -> torch.Tensor:
+        """The time t in (0, 1] with log_snr(t) = lam, by float64 bisection on the decreasing log-SNR.
+
+        lam below log_snr(1) gives 1; lam above every log_snr(t > 0) gives the smallest t > 0 bisection reaches.
+        """
+        lam = torch.as_tensor(lam, dtype=torch.float64)
+        lo, hi = torch.zeros_like(lam), torch.ones_like(lam)
+        for _ in range(64):  # 64 halvings of [0, 1] reach float64 resolution
+            mid = (lo + hi) / 2
+            early = self.log_snr(mid) > lam  # less noise at mid than asked for: the answer lies later
+            lo, hi = torch.where(early, mid, lo), torch.where(early, hi, mid)
+        return hi
+
+    def net_time(self, t: torch.Tensor) -> torch.Tensor:
+        """What the network is conditioned on at time t: t itself (a learned schedule uses its normalised log-SNR)."""
+        return t
+
     def prior_std(self) -> float:
         """Standard deviation of the sampler's starting noise at t=1: sqrt(alpha_1^2 + sigma_1^2)."""
         alpha, sigma = self.alpha_sigma(torch.tensor(1.0, dtype=torch.float64))
@@ -58,9 +75,16 @@ class Schedule(ABC):
         t = t.detach().double().requires_grad_(True)
         with torch.enable_grad():
             alpha, sigma = self.alpha_sigma(t)
-            dlog_alpha = torch.autograd.grad(torch.log(alpha).sum(), t, retain_graph=True)[0]
-            dsigma2 = torch.autograd.grad((sigma**2).sum(), t)[0]
-        return dlog_alpha.detach(), (dsigma2 - 2 * dlog_alpha * sigma**2).detach()
+            dlog_alpha, dsigma2 = (_d_dt(v, t) for v in (torch.log(alpha), sigma**2))
+        return dlog_alpha, (dsigma2 - 2 * dlog_alpha * sigma**2).detach()
+
+
+def _d_dt(y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Elementwise dy/dt by autograd; zero where y does not depend on t (e.g. alpha = 1 of a VE schedule)."""
+    if not y.requires_grad:
+        return torch.zeros_like(t).detach()
+    grad = torch.autograd.grad(y.sum(), t, retain_graph=True, allow_unused=True)[0]
+    return torch.zeros_like(t).detach() if grad is None else grad.detach()
 
 
 class DiscreteVP(Schedule):
@@ -97,12 +121,23 @@ class DiscreteVP(Schedule):
         t = torch.as_tensor(t, dtype=torch.float64)
         table = self.log_alpha_bar.to(t.device)
         pos = (t * self.T).clamp(0, self.T)
-        # snap to the grid so float32 times such as 0.002 hit their timestep exactly
-        pos = torch.where((pos - pos.round()).abs() < 1e-4, pos.round(), pos)
+        # snap to the grid so float32 times such as 0.002 hit their timestep exactly; the snap is
+        # straight-through (value rounded, gradient kept) so sde() sees d/dt at grid times too
+        snapped = pos + (pos.round() - pos).detach()
+        pos = torch.where((pos - pos.round()).abs() < 1e-4, snapped, pos)
         i0 = pos.floor().clamp(max=self.T - 1).long()
         frac = pos - i0
         log_ab = table[i0] * (1 - frac) + table[i0 + 1] * frac
         return torch.exp(0.5 * log_ab), torch.sqrt(-torch.expm1(log_ab))
+
+    def t_from_log_snr(self, lam: torch.Tensor) -> torch.Tensor:
+        """Exact inverse of log_snr: log alpha_bar = log sigmoid(lam) located on the piecewise-linear table."""
+        lam = torch.as_tensor(lam, dtype=torch.float64)
+        table = -self.log_alpha_bar.to(lam.device)  # increasing in t, 0 at t = 0
+        target = torch.nn.functional.softplus(-lam)  # -log alpha_bar = -log sigmoid(lam)
+        i0 = (torch.searchsorted(table, target) - 1).clamp(0, self.T - 1)
+        frac = ((target - table[i0]) / (table[i0 + 1] - table[i0])).clamp(0, 1)
+        return (i0 + frac) / self.T
 
     def __repr__(self) -> str:
         return f"DiscreteVP({self.name}, T={self.T})"
@@ -126,7 +161,20 @@ def posterior(schedule: Schedule, t: torch.Tensor, s: torch.Tensor):
     return c_x0, c_xt, sigma2_ts * sigma_s**2 / sigma_t**2
 
 
-SCHEDULES = {"linear": DiscreteVP.linear, "cosine": DiscreteVP.cosine}
+def _continuous(class_name: str):
+    """A constructor for a continuous-time schedule of deepgm.diffusion.sde, imported on first use."""
+
+    def make(**options) -> Schedule:
+        from deepgm.diffusion import sde
+
+        return getattr(sde, class_name)(**options)
+
+    return make
+
+
+SCHEDULES = {"linear": DiscreteVP.linear, "cosine": DiscreteVP.cosine, "vp": _continuous("VPSDE"),
+             "subvp": _continuous("SubVPSDE"), "ve": _continuous("VESDE"), "edm": _continuous("EDMSchedule"),
+             "cosine-vp": _continuous("CosineVP"), "learned": _continuous("LearnedSchedule")}
 
 
 def make_schedule(name: str, **options) -> Schedule:

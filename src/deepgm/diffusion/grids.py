@@ -1,0 +1,115 @@
+"""Time grids for samplers: decreasing float64 times from t = 1 to exactly t = 0.
+
+Every grid has `steps` positive times, from t = 1 down to the schedule's smallest sampling time
+t_min, spaced uniformly in a grid-specific coordinate, and then ends at t = 0, where alpha = 1 and
+sigma = 0: the last step is the final "denoise" jump onto the x0-prediction made at t_min. A sampler
+that spends one network evaluation per step therefore spends exactly `steps` evaluations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from deepgm.diffusion.schedules import Schedule
+
+DEFAULT_T_MIN = 1e-3  # continuous schedules without a t_min of their own (Song et al. 2021 use 1e-3 for VP)
+
+
+def smallest_time(schedule: Schedule) -> float:
+    """The last positive time of a grid: the schedule's `t_min` if it has one, else 1/T, else 1e-3."""
+    t_min = getattr(schedule, "t_min", None)
+    if t_min is not None:
+        return float(t_min)
+    return 1.0 / schedule.T if schedule.T is not None else DEFAULT_T_MIN
+
+
+def _finish(schedule: Schedule, positive: torch.Tensor) -> torch.Tensor:
+    """Append t = 0; times of a discrete schedule that land within 1e-9 of a timestep snap onto it."""
+    if schedule.T is not None:
+        pos = positive * schedule.T
+        positive = torch.where((pos - pos.round()).abs() < 1e-9, pos.round() / schedule.T, positive)
+    times = torch.cat([positive, positive.new_zeros(1)])
+    if not bool((times[1:] < times[:-1]).all()):
+        raise ValueError(f"grid of {len(positive)} steps is not strictly decreasing on {schedule!r}; use fewer steps")
+    return times
+
+
+def _check(steps: int) -> None:
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+
+
+def uniform(schedule: Schedule, steps: int, t_min: float | None = None) -> torch.Tensor:
+    """Uniform in t on [t_min, 1], then 0; a discrete schedule keeps integer timesteps (rounded)."""
+    _check(steps)
+    t_min = smallest_time(schedule) if t_min is None else t_min
+    positive = torch.linspace(1.0, t_min, steps, dtype=torch.float64)
+    if schedule.T is not None:
+        if steps > schedule.T:
+            raise ValueError(f"steps={steps} exceeds this schedule's T={schedule.T} discrete steps")
+        positive = torch.round(positive * schedule.T) / schedule.T
+    return _finish(schedule, positive)
+
+
+def log_snr(schedule: Schedule, steps: int, t_min: float | None = None) -> torch.Tensor:
+    """Uniform in log-SNR lambda between lambda(1) and lambda(t_min), then 0 (Lu et al. 2022, sec. 3.3)."""
+    _check(steps)
+    ends = torch.tensor([1.0, smallest_time(schedule) if t_min is None else t_min], dtype=torch.float64)
+    lam = schedule.log_snr(ends)
+    positive = schedule.t_from_log_snr(torch.linspace(float(lam[0]), float(lam[1]), steps, dtype=torch.float64))
+    positive[0] = 1.0  # the bisection/inverse lands within rounding of the ends; pin them
+    if steps > 1:
+        positive[-1] = ends[1]
+    return _finish(schedule, positive)
+
+
+def karras(schedule: Schedule, steps: int, rho: float = 7.0, t_min: float | None = None) -> torch.Tensor:
+    """Karras et al. (2022) eq. 5 in the scaled noise level s = sigma/alpha, then 0:
+    s_i = (s_max^(1/rho) + i/(steps-1) (s_min^(1/rho) - s_max^(1/rho)))^rho."""
+    _check(steps)
+    if rho <= 0:
+        raise ValueError(f"rho must be positive, got {rho}")
+    ends = torch.tensor([1.0, smallest_time(schedule) if t_min is None else t_min], dtype=torch.float64)
+    s_max, s_min = torch.exp(-schedule.log_snr(ends) / 2).tolist()  # s = sigma/alpha = exp(-lambda/2)
+    ramp = torch.linspace(0.0, 1.0, steps, dtype=torch.float64)
+    s = (s_max ** (1 / rho) + ramp * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
+    positive = schedule.t_from_log_snr(-2 * torch.log(s))
+    positive[0] = 1.0
+    if steps > 1:
+        positive[-1] = ends[1]
+    return _finish(schedule, positive)
+
+
+def trig(schedule: Schedule, steps: int, scale: float = 1.0, t_min: float | None = None) -> torch.Tensor:
+    """Uniform in theta = arctan(s / scale), s = sigma/alpha, between t = 1 and t_min, then 0: the time grid
+    of TrigFlow (Lu & Song 2024) / a cosine schedule whose log-SNR is shifted to data of scale `scale`."""
+    _check(steps)
+    if scale <= 0:
+        raise ValueError(f"scale must be positive, got {scale}")
+    ends = torch.tensor([1.0, smallest_time(schedule) if t_min is None else t_min], dtype=torch.float64)
+    theta = torch.atan(torch.exp(-schedule.log_snr(ends) / 2) / scale).tolist()
+    s = scale * torch.tan(torch.linspace(theta[0], theta[1], steps, dtype=torch.float64))
+    positive = schedule.t_from_log_snr(-2 * torch.log(s))
+    positive[0] = 1.0
+    if steps > 1:
+        positive[-1] = ends[1]
+    return _finish(schedule, positive)
+
+
+GRIDS: dict[str, Callable[..., torch.Tensor]] = {"uniform": uniform, "log-snr": log_snr, "karras": karras, "trig": trig}
+
+
+def available_grids() -> list[str]:
+    return sorted(GRIDS)
+
+
+def make_grid(name: str, schedule: Schedule, steps: int, **options) -> torch.Tensor:
+    """A grid by name: make_grid('karras', schedule, 10, rho=7) -> 11 decreasing times ending at 0."""
+    if name not in GRIDS:
+        raise ValueError(f"unknown grid {name!r}; choose one of {available_grids()}")
+    try:
+        return GRIDS[name](schedule, steps, **options)
+    except TypeError as err:
+        raise ValueError(f"bad options for grid {name!r}: {err}") from None
