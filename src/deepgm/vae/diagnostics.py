@@ -25,6 +25,12 @@ def active_units(means: torch.Tensor, threshold: float = 0.01) -> tuple[int, tor
     return int((activity > threshold).sum()), activity
 
 
+# Decoder evaluations per IWAE call: small enough that most tensors stay under glibc's mmap threshold and their
+# memory is reused rather than page-faulted afresh. CPU, IWAE_1000 of 128 test digits, 8192 -> 1024: conv VAE
+# 20.2 -> 13.8 s, HVAE 19.8 -> 15.1 s, PixelCNN-VAE 62.5 -> 70.7 s (its convolutions prefer big batches).
+CHUNK = 1024
+
+
 def gaussian_log_q_matrix(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, chunk: int = 256) -> torch.Tensor:
     """L[n, m] = log N(z_n; mu_m, diag e^logvar_m) for z (N, Dz) against M posteriors (M, Dz), float64."""
     z, mu, logvar = z.double(), mu.double(), logvar.double()
@@ -56,7 +62,7 @@ def _to(batch: dict, device) -> dict:
 
 @torch.no_grad()
 def iwae_per_example(model, data: Dataset, k: int = 1000, n: int | None = None, seed: int = 0, batch_size: int = 64,
-                     chunk: int = 8192) -> torch.Tensor:
+                     chunk: int = CHUNK) -> torch.Tensor:
     """IWAE_k lower bound on log p(x) of the first n examples, (N,) float64 nats."""
     device = next(model.parameters()).device
     g = torch.Generator(device=device).manual_seed(seed)
@@ -65,7 +71,7 @@ def iwae_per_example(model, data: Dataset, k: int = 1000, n: int | None = None, 
 
 @torch.no_grad()
 def iwae_nll(model, data: Dataset, k: int = 1000, n: int | None = None, seed: int = 0, batch_size: int = 64,
-             chunk: int = 8192) -> dict:
+             chunk: int = CHUNK) -> dict:
     """Test NLL from IWAE_k (an upper bound on -log p(x)) per example, in nats and bits/dim, with 95% intervals."""
     nll = -iwae_per_example(model, data, k, n, seed, batch_size, chunk)
     bpd = bits_per_dim(nll, model.dims)

@@ -249,7 +249,7 @@ class LatentVariableModel(nn.Module):
         return {k: v.detach() for k, v in out.items()}
 
     @torch.no_grad()
-    def iwae(self, batch: dict, k: int, generator: torch.Generator | None, chunk: int = 4096) -> torch.Tensor:
+    def iwae(self, batch: dict, k: int, generator: torch.Generator | None, chunk: int = 1024) -> torch.Tensor:
         """IWAE_k lower bound on log p(x) per example (B,), float64, drawing the k samples in chunks of
         about `chunk` decoder evaluations (Burda et al. 2016, eq. 8)."""
         n = batch["x"].shape[0]
