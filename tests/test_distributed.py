@@ -26,35 +26,10 @@ from torch import nn
 from deepgm.data.base import Dataset
 from deepgm.train import TrainConfig, Trainer, latest_checkpoint
 from deepgm.train.distributed import rank_seed
+from tiny_models import NoisyMLP, Regression
 
 WORLD = 2
 SEED = 5
-
-
-class NoisyMLP(nn.Module):
-    """A small denoiser whose loss draws noise from the trainer's generator (per rank under DDP)."""
-
-    def __init__(self):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(4, 16), nn.SiLU(), nn.Linear(16, 4))
-
-    def loss(self, batch, generator):
-        x = batch["x"]
-        noise = torch.randn(x.shape, generator=generator)
-        mse = (self.net(x + 0.5 * noise) - x).pow(2).mean()
-        return mse, {"mse": mse.detach(), "noise_std": float(noise.std())}
-
-
-class Linear(nn.Module):
-    """Least squares with no randomness: DDP on 2 ranks must equal one process on the global batch."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(4, 2)
-
-    def loss(self, batch, generator):
-        mse = (self.fc(batch["x"]) - batch["y"]).pow(2).mean()
-        return mse, {"mse": mse.detach()}
 
 
 class NanOnRank1(nn.Module):
@@ -135,11 +110,11 @@ def _worker(rank: int, port: int, out: str) -> None:
     second.fit()
     save_file(states(second), out / f"noisy-resumed-rank{rank}.safetensors")
 
-    linear = Trainer(build(Linear), regression(), config(), out / "linear", progress=False)
+    linear = Trainer(build(Regression), regression(), config(), out / "linear", progress=False)
     linear.fit()
     save_file(states(linear), out / f"linear-rank{rank}.safetensors")
-    Trainer(build(Linear), regression(), config(steps=6), out / "linear-2to1", progress=False).fit()
-    from_one = Trainer(build(Linear, seed=3), regression(), config(), out / "linear-1to2", progress=False)
+    Trainer(build(Regression), regression(), config(steps=6), out / "linear-2to1", progress=False).fit()
+    from_one = Trainer(build(Regression, seed=3), regression(), config(), out / "linear-1to2", progress=False)
     assert from_one.resume() and from_one.step == 6
     from_one.fit()
     save_file(states(from_one), out / f"linear-1to2-rank{rank}.safetensors")
@@ -181,7 +156,7 @@ def prefixed(module_states: dict, prefix: str) -> dict:
 def ddp_runs(tmp_path_factory):
     """The 2-process runs (after the single-process checkpoint that one of them resumes from)."""
     out = tmp_path_factory.mktemp("ddp")
-    Trainer(build(Linear), regression(), config(steps=6), out / "linear-1to2", progress=False).fit()
+    Trainer(build(Regression), regression(), config(steps=6), out / "linear-1to2", progress=False).fit()
     mp.start_processes(_worker, args=(free_port(), str(out)), nprocs=WORLD, join=True, start_method="spawn")
     return out
 
@@ -217,13 +192,13 @@ def test_ddp_checkpoints_hold_every_ranks_noise_and_resume_exactly(ddp_runs):
 
 
 def test_deterministic_model_matches_single_process_and_resumes_across_world_sizes(ddp_runs, tmp_path):
-    single = Trainer(build(Linear), regression(), config(), tmp_path / "single", progress=False)
+    single = Trainer(build(Regression), regression(), config(), tmp_path / "single", progress=False)
     single.fit()
     two = load_file(ddp_runs / "linear-rank0.safetensors")
     assert_close(two, states(single))
     # 2 processes to step 6, then 1 process to step 12
     with pytest.warns(UserWarning, match="written by 2 process"):
-        resumed = Trainer(build(Linear, seed=9), regression(), config(), ddp_runs / "linear-2to1", progress=False)
+        resumed = Trainer(build(Regression, seed=9), regression(), config(), ddp_runs / "linear-2to1", progress=False)
         assert resumed.resume() and resumed.step == 6
     resumed.fit()
     assert_close(states(resumed), states(single))

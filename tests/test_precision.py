@@ -15,6 +15,7 @@ from deepgm.diffusion.schedules import make_schedule
 from deepgm.nets.unet import AttentionBlock, GroupNorm, UNet
 from deepgm.train import TrainConfig, Trainer, load_weights
 from deepgm.train.trainer import resolve_amp
+from tiny_models import NoisyMLP
 
 CL = torch.channels_last
 
@@ -94,18 +95,6 @@ def test_unet_ddpm_trains_with_precision_switches(tmp_path, amp, channels_last):
     with torch.no_grad():
         ours = trainer.model.denoiser.net(x.contiguous(memory_format=CL) if channels_last else x, t)
         assert torch.allclose(fresh.denoiser.net(x, t), ours, atol=1e-5)
-
-
-class NoisyMLP(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(4, 16), nn.SiLU(), nn.Linear(16, 4))
-
-    def loss(self, batch, generator):
-        x = batch["x"]
-        noise = torch.randn(x.shape, generator=generator, device=x.device)
-        mse = (self.net(x + 0.5 * noise) - x).pow(2).mean()
-        return mse, {"mse": mse.detach()}
 
 
 def test_compile_trains_and_matches_eager(tmp_path):

@@ -19,6 +19,7 @@ from deepgm.train import (
     learning_rate,
     load_weights,
 )
+from tiny_models import Regression
 
 
 class Noisy(nn.Module):
@@ -35,18 +36,6 @@ class Noisy(nn.Module):
         mse = (self.net(x + 0.5 * noise) - x).pow(2).mean()
         self.calls += 1
         return mse, {"mse": mse.detach(), "noise_std": float(noise.std())}
-
-
-class Regression(nn.Module):
-    """Linear regression y = W x: an easy problem whose loss must fall."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(4, 2)
-
-    def loss(self, batch, generator):
-        mse = (self.fc(batch["x"]) - batch["y"]).pow(2).mean()
-        return mse, {"mse": mse.detach()}
 
 
 class Broken(nn.Module):
