@@ -21,6 +21,7 @@ from deepgm.diffusion.denoiser import Thresholded
 from deepgm.diffusion.losses import noise_data, vlb
 from deepgm.diffusion.model import DiffusionModel
 from deepgm.diffusion.samplers import SampleOutput, sample
+from deepgm.files import write_json
 from deepgm.likelihood import bits_per_dim
 from deepgm.models import build_model
 from deepgm.train import TrainConfig, Trainer, distributed, latest_checkpoint, load_weights
@@ -201,7 +202,7 @@ def evaluate_run(run_dir: str | Path, n_samples: int | None = None, sampler: str
         metrics.update(heldout_bits_per_dim(run.model, test, vlb_examples or spec["vlb_examples"], seed, progress))
     if isinstance(run.model, LatentVariableModel):  # IWAE_k NLL, ELBO terms, active units, MI and VAE pictures
         metrics.update(evaluate_latent(run.model, test, spec, run_dir, seed))
-    (run_dir / "eval.json").write_text(json.dumps(metrics, indent=2))
+    write_json(run_dir / "eval.json", metrics)
     save_samples_picture(result.x[:64].cpu(), run.data, run_dir / "eval_samples.png")
     if isinstance(run.model, DiffusionModel):
         process_pictures(run, run_dir, seed)
@@ -218,22 +219,21 @@ def likelihood_run(run_dir: str | Path, n_examples: int | None = None, divergenc
     run_dir = Path(run_dir)
     run = load_run(run_dir, weights)
     test = load_data(run.config, "test")
-    if isinstance(run.model, LatentVariableModel):  # VAEs: the importance-weighted bound with k = iwae_k samples
-        metrics = {"run": str(run_dir), "weights": run.weights, "step": run.step, "levels": test.levels,
-                   "conditional": bool(run.model.num_classes), "iwae": iwae_summary(run.model, test, iwae_k,
-                                                                                    n_examples, seed)}
-        (run_dir / "nll.json").write_text(json.dumps(metrics, indent=2))
-        return metrics
-    if not isinstance(run.model, DiffusionModel):
-        raise ValueError(f"--nll needs a diffusion model or a VAE; {run_dir} holds a {type(run.model).__name__}")
-    x0 = test.x[:n_examples] if n_examples else test.x
-    cond = {"y": test.y[: len(x0)]} if run.model.num_classes and test.y is not None else None
-    denoiser = run.model.denoiser
-    ode = ode_nll(denoiser, x0, test.levels, cond, divergence, probes, generator=torch.Generator().manual_seed(seed))
-    elbo = elbo_nll(denoiser, x0, test.levels, elbo_points, torch.Generator().manual_seed(seed + 1), cond)
     metrics = {"run": str(run_dir), "weights": run.weights, "step": run.step, "levels": test.levels,
-               "conditional": cond is not None, "ode": ode.summary(), "elbo": elbo.summary()}
-    (run_dir / "nll.json").write_text(json.dumps(metrics, indent=2))
+               "conditional": bool(run.model.num_classes) and test.y is not None}
+    if isinstance(run.model, LatentVariableModel):  # VAEs: the importance-weighted bound with k = iwae_k samples
+        metrics["iwae"] = iwae_summary(run.model, test, iwae_k, n_examples, seed)
+    elif isinstance(run.model, DiffusionModel):
+        x0 = test.x[:n_examples] if n_examples else test.x
+        cond = {"y": test.y[: len(x0)]} if metrics["conditional"] else None
+        denoiser = run.model.denoiser
+        metrics["ode"] = ode_nll(denoiser, x0, test.levels, cond, divergence, probes,
+                                 generator=torch.Generator().manual_seed(seed)).summary()
+        metrics["elbo"] = elbo_nll(denoiser, x0, test.levels, elbo_points, torch.Generator().manual_seed(seed + 1),
+                                   cond).summary()
+    else:
+        raise ValueError(f"--nll needs a diffusion model or a VAE; {run_dir} holds a {type(run.model).__name__}")
+    write_json(run_dir / "nll.json", metrics)
     return metrics
 
 

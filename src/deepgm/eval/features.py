@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from deepgm.eval.metrics import fid, precision_recall
+from deepgm.files import atomic_write, write_json
 
 FEATURE_DIM = 64
 # changing these (or the architecture) changes the cache key, so stale weights are never reused
@@ -113,18 +113,6 @@ def _cache_dir(cache_dir: str | Path | None) -> Path:
     return Path(os.environ.get("DEEPGM_CACHE") or Path.home() / ".cache" / "deepgm")
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path) on a temp file beside `path`, then move it into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _load_cached(stem: Path, name: str) -> FeatureNet | None:
     meta_path, weights_path = stem.with_suffix(".json"), stem.with_suffix(".safetensors")
     if not (meta_path.is_file() and weights_path.is_file()):
@@ -178,8 +166,8 @@ def get_feature_net(dataset: str = "digits", dataset_options: dict | None = None
             "train_seconds": round(seconds, 3)}
     root.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    _atomic_write(stem.with_suffix(".safetensors"), lambda p: save_file(state, p))
-    _atomic_write(stem.with_suffix(".json"), lambda p: Path(p).write_text(json.dumps(meta, indent=2)))
+    atomic_write(stem.with_suffix(".safetensors"), lambda p: save_file(state, p))
+    write_json(stem.with_suffix(".json"), meta)
     return net
 
 

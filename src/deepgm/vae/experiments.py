@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from deepgm.data import Dataset
+from deepgm.files import write_json, write_text
 from deepgm.vae.diagnostics import diagnose, elbo_stats, posterior_means
 from deepgm.vae.vae import LatentVariableModel
 
@@ -207,8 +208,8 @@ def run_collapse(out_dir: str | Path, steps: int | None = None, k: int = 200, ov
     summary = {"steps": steps, "iwae_k": k, "levels": base["data"].get("levels", 17), "runs": results,
                "note": "test split of 8x8 digits, 17 levels, raw (non-EMA) weights; NLL = -IWAE_k in bits/dim "
                        "= nats / (64 ln 2); AU: Cov_x E_q[z_u] > 0.01; MI: I_q(x; z) in nats"}
-    (out_dir / "collapse.json").write_text(json.dumps(summary, indent=2))
-    (out_dir / "collapse.md").write_text(collapse_markdown(summary))
+    write_json(out_dir / "collapse.json", summary)
+    write_text(out_dir / "collapse.md", collapse_markdown(summary))
     plot_collapse(results, out_dir / "collapse.png")
     return summary
 
@@ -334,8 +335,8 @@ def comparison_table(run_dirs: list[str | Path], out: str | Path, k: int = 1000,
     summary = {"iwae_k": k, "rows": rows,
                "note": "test split; NLL in bits/dim = nats / (D ln 2) for a discrete distribution over the data's "
                        "levels (17 for digits); conditional rows bound -log p(x | y)"}
-    out.with_suffix(".json").write_text(json.dumps(summary, indent=2))
-    out.with_suffix(".md").write_text(table_markdown(summary))
+    write_json(out.with_suffix(".json"), summary)
+    write_text(out.with_suffix(".md"), table_markdown(summary))
     return summary
 
 
