@@ -86,6 +86,17 @@ def test_bad_input_gives_a_clear_error(args, message, capsys, tmp_path):
         args = [*args, "--out", str(tmp_path / "r"), "--quiet"]
     assert main(args) == 2
     assert message in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()  # a refused run leaves no directory behind
+
+
+@pytest.mark.parametrize("args", [["sample", "run", "--steps", "0"], ["eval", "run", "--nll", "--k", "-3"],
+                                  ["collapse", "--steps", "0"], ["table", "run", "--n-samples", "x"]])
+def test_counts_must_be_positive_whole_numbers(args, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "must be at least 1" in err or "expected a whole number" in err
 
 
 def test_bad_yaml_file_is_reported(tmp_path):

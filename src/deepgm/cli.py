@@ -13,6 +13,17 @@ from deepgm.diffusion.samplers import available_samplers
 from deepgm.diffusion.schedules import SCHEDULES
 
 
+def positive_int(text: str) -> int:
+    """argparse type for counts (steps, samples, examples, k): 0 or less is a usage error, never "the default"."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _train(args) -> None:
     from deepgm.config import load_config
     from deepgm.pipeline import train_run
@@ -128,10 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
                               f"schedules: {', '.join(sorted(SCHEDULES))}")
     p.add_argument("run", help="run directory")
     p.add_argument("--sampler", choices=available_samplers(), help="default: the config's sample.sampler")
-    p.add_argument("--steps", type=int, help="number of sampler steps (default: the config's)")
+    p.add_argument("--steps", type=positive_int, help="number of sampler steps (default: the config's)")
     p.add_argument("--grid", choices=available_grids(),
                    help="time grid (default: uniform for ddpm/ddim, else trig); see deepgm.diffusion.grids")
-    p.add_argument("--n", type=int, default=64, help="number of samples")
+    p.add_argument("--n", type=positive_int, default=64, help="number of samples")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eta", type=float, help="DDIM eta (0 deterministic, 1 ancestral)")
     p.add_argument("--weights", choices=["ema", "raw"], default="ema", help="which weights to sample with")
@@ -140,34 +151,34 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="FID / precision / recall and test bits/dim of a trained run")
     p.add_argument("run", help="run directory")
-    p.add_argument("--n-samples", type=int, help="samples for FID (default: the config's eval.n_samples)")
+    p.add_argument("--n-samples", type=positive_int, help="samples for FID (default: the config's eval.n_samples)")
     p.add_argument("--sampler", choices=available_samplers())
-    p.add_argument("--steps", type=int)
-    p.add_argument("--vlb-examples", type=int, help="test examples for the bits/dim bound")
+    p.add_argument("--steps", type=positive_int)
+    p.add_argument("--vlb-examples", type=positive_int, help="test examples for the bits/dim bound")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--nll", action="store_true",
                    help="instead: test NLL by the probability-flow ODE and the continuous ELBO, bits/dim with 95%% CI")
-    p.add_argument("--nll-examples", type=int, help="test examples for --nll (default: all)")
+    p.add_argument("--nll-examples", type=positive_int, help="test examples for --nll (default: all)")
     p.add_argument("--divergence", choices=["exact", "hutchinson"], default="hutchinson",
                    help="ODE divergence for --nll: exact (D backward passes) or Hutchinson's estimator")
-    p.add_argument("--probes", type=int, default=1, help="Hutchinson probes (Rademacher) for --nll")
-    p.add_argument("--k", type=int, default=1000, help="importance samples of the IWAE bound for a VAE's --nll")
+    p.add_argument("--probes", type=positive_int, default=1, help="Hutchinson probes (Rademacher) for --nll")
+    p.add_argument("--k", type=positive_int, default=1000, help="IWAE importance samples for a VAE's --nll")
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("collapse", help="the posterior-collapse study: PixelCNN-decoder VAEs with and without remedies")
     p.add_argument("overrides", nargs="*", help="overrides for every run, e.g. train.batch_size=32")
     p.add_argument("--out", default="runs/collapse", help="directory for the five runs, the table and the plot")
-    p.add_argument("--steps", type=int, help="training steps per run (default: the config's)")
-    p.add_argument("--k", type=int, default=200, help="importance samples of the IWAE bound")
+    p.add_argument("--steps", type=positive_int, help="training steps per run (default: the config's)")
+    p.add_argument("--k", type=positive_int, default=200, help="importance samples of the IWAE bound")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_collapse)
 
     p = sub.add_parser("table", help="test NLL (bits/dim), ELBO, KL, active units and FID of trained runs, one table")
     p.add_argument("runs", nargs="+", help="run directories (VAEs, HVAEs, diffusion models)")
     p.add_argument("--out", default="runs/table", help="output stem: writes OUT.md and OUT.json")
-    p.add_argument("--k", type=int, default=1000, help="importance samples of the IWAE bound")
-    p.add_argument("--n-samples", type=int, default=1000, help="samples for FID")
-    p.add_argument("--examples", type=int, help="test examples (default: all)")
+    p.add_argument("--k", type=positive_int, default=1000, help="importance samples of the IWAE bound")
+    p.add_argument("--n-samples", type=positive_int, default=1000, help="samples for FID")
+    p.add_argument("--examples", type=positive_int, help="test examples (default: all)")
     p.add_argument("--no-ode", action="store_true", help="skip the (slow) probability-flow ODE NLL of diffusion runs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")

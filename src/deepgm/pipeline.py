@@ -83,12 +83,11 @@ def train_run(config: dict, run_dir: Path, resume: bool = False, progress: bool 
     if resume and not latest_checkpoint(run_dir):
         raise FileNotFoundError(f"--resume: no checkpoint in {run_dir / 'checkpoints'} to resume from")
     distributed.barrier()  # every rank has looked before rank 0 writes
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config["seed"])
     data = load_data(config, "train")
-    model = build_model(config["model"], data)
+    model = build_model(config["model"], data)  # a bad model spec fails here, before anything is written
     if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, saved)
     grid = config["sample"]
 

@@ -176,10 +176,12 @@ def run_collapse(out_dir: str | Path, steps: int | None = None, k: int = 200, ov
     from deepgm.config import load_config
     from deepgm.pipeline import load_data, load_run, train_run
 
+    if (steps is not None and steps < 1) or k < 1:
+        raise ValueError(f"the collapse study needs steps >= 1 and k >= 1, got steps={steps}, k={k}")
+    base = load_config(COLLAPSE_BASE, overrides)
+    steps = base["train"]["steps"] if steps is None else steps
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    base = load_config(COLLAPSE_BASE, overrides)
-    steps = steps or base["train"]["steps"]
     results = {}
     for name, extra in collapse_variants(steps).items():
         if only and name not in only:
