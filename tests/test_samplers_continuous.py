@@ -315,7 +315,8 @@ def test_cli_sample_lists_every_sampler_and_grid_and_takes_grid(capsys):
     with pytest.raises(SystemExit):
         parser.parse_args(["sample", "RUN", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert all(name in text for name in available_samplers() + available_grids())
+    assert all(name in text for name in available_samplers() + available_grids() + ["calibrated"])
+    assert parser.parse_args(["sample", "RUN", "--grid", "calibrated"]).grid == "calibrated"
     with pytest.raises(SystemExit):
         parser.parse_args(["sample", "RUN", "--grid", "karas"])
 

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from deepgm.diffusion.grids import available_grids
+from deepgm.diffusion.grids import CALIBRATED, available_grids
 from deepgm.diffusion.samplers import available_samplers
 from deepgm.diffusion.schedules import SCHEDULES
 
@@ -134,14 +134,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_train)
 
+    grids = [*available_grids(), CALIBRATED]
     p = sub.add_parser("sample", help="sample a trained run: writes a PNG grid and an .npz",
-                       epilog=f"samplers: {', '.join(available_samplers())}; grids: {', '.join(available_grids())}; "
+                       epilog=f"samplers: {', '.join(available_samplers())}; grids: {', '.join(grids)}; "
                               f"schedules: {', '.join(sorted(SCHEDULES))}")
     p.add_argument("run", help="run directory")
     p.add_argument("--sampler", choices=available_samplers(), help="default: the config's sample.sampler")
     p.add_argument("--steps", type=positive_int, help="number of sampler steps (default: the config's)")
-    p.add_argument("--grid", choices=available_grids(),
-                   help="time grid (default: uniform for ddpm/ddim, else trig); see deepgm.diffusion.grids")
+    p.add_argument("--grid", choices=grids,
+                   help="time grid (default: uniform for ddpm/ddim, calibrated for trig-abm, else trig); see "
+                        "deepgm.diffusion.grids and deepgm.diffusion.calibration")
     p.add_argument("--n", type=positive_int, default=64, help="number of samples")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eta", type=float, help="DDIM eta (0 deterministic, 1 ancestral)")

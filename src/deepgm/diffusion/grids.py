@@ -75,11 +75,7 @@ def karras(schedule: Schedule, steps: int, rho: float = 7.0, t_min: float | None
     s_max, s_min = torch.exp(-schedule.log_snr(ends) / 2).tolist()  # s = sigma/alpha = exp(-lambda/2)
     ramp = torch.linspace(0.0, 1.0, steps, dtype=torch.float64)
     s = (s_max ** (1 / rho) + ramp * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
-    positive = schedule.t_from_log_snr(-2 * torch.log(s))
-    positive[0] = 1.0
-    if steps > 1:
-        positive[-1] = ends[1]
-    return _finish(schedule, positive)
+    return from_scaled_noise(schedule, s, t_min)
 
 
 def trig(schedule: Schedule, steps: int, scale: float = 1.0, t_min: float | None = None) -> torch.Tensor:
@@ -91,22 +87,33 @@ def trig(schedule: Schedule, steps: int, scale: float = 1.0, t_min: float | None
     ends = torch.tensor([1.0, smallest_time(schedule) if t_min is None else t_min], dtype=torch.float64)
     theta = torch.atan(torch.exp(-schedule.log_snr(ends) / 2) / scale).tolist()
     s = scale * torch.tan(torch.linspace(theta[0], theta[1], steps, dtype=torch.float64))
+    return from_scaled_noise(schedule, s, t_min)
+
+
+def from_scaled_noise(schedule: Schedule, s: torch.Tensor, t_min: float | None = None) -> torch.Tensor:
+    """The grid through the scaled noise levels s = sigma/alpha (decreasing, from s(1) to s(t_min)), then 0; the
+    inverse lands within rounding of the ends, so they are pinned to exactly t = 1 and t_min."""
     positive = schedule.t_from_log_snr(-2 * torch.log(s))
     positive[0] = 1.0
-    if steps > 1:
-        positive[-1] = ends[1]
+    if len(positive) > 1:
+        positive[-1] = smallest_time(schedule) if t_min is None else t_min
     return _finish(schedule, positive)
 
 
 GRIDS: dict[str, Callable[..., torch.Tensor]] = {"uniform": uniform, "log-snr": log_snr, "karras": karras, "trig": trig}
+CALIBRATED = "calibrated"  # made from the model, not the schedule alone: deepgm.diffusion.calibration
 
 
 def available_grids() -> list[str]:
+    """The grids made from a schedule alone; deepgm.sample also takes CALIBRATED."""
     return sorted(GRIDS)
 
 
 def make_grid(name: str, schedule: Schedule, steps: int, **options) -> torch.Tensor:
     """A grid by name: make_grid('karras', schedule, 10, rho=7) -> 11 decreasing times ending at 0."""
+    if name == CALIBRATED:
+        raise ValueError("the calibrated grid is made from the model: use deepgm.sample(..., grid='calibrated') "
+                         "or deepgm.diffusion.calibration.calibrate")
     if name not in GRIDS:
         raise ValueError(f"unknown grid {name!r}; choose one of {available_grids()}")
     try:

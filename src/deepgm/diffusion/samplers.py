@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from deepgm.diffusion.calibration import Calibration, calibrate
 from deepgm.diffusion.denoiser import expand_like
-from deepgm.diffusion.grids import make_grid
+from deepgm.diffusion.grids import CALIBRATED, make_grid
 from deepgm.diffusion.schedules import Schedule, posterior, transition
 
 Callback = Callable[[int, torch.Tensor, torch.Tensor], None]  # (step index, t, x after the step)
@@ -386,10 +387,12 @@ def pc(denoiser, times: torch.Tensor, x: torch.Tensor, generator=None, cond=None
 SAMPLERS: dict[str, Callable] = {"ddpm": ddpm, "ddim": ddim, "euler": euler, "heun": heun, "rk45": rk45,
                                  "dpmpp-2m": dpmpp_2m, "dpmpp-3m": dpmpp_3m, "euler-maruyama": euler_maruyama,
                                  "pc": pc, "trig-abm": trig_abm}
-# The defaults of `sample`, chosen by benchmarks/sampler_accuracy.py (see its notes): the most robust
-# sampler/grid pair across the 2-D and 64-D mixtures at NFE 6-50.
+# The defaults of `sample`, chosen by benchmarks/sampler_accuracy.py (see its notes): the most accurate
+# sampler across the 2-D and 64-D mixtures at NFE 6-50, on a grid calibrated to the model (no fixed grid is
+# good for both); the other samplers keep fixed grids unless asked.
 DEFAULT_SAMPLER, DEFAULT_GRID = "trig-abm", "trig"
-DEFAULT_GRIDS = {"ddpm": "uniform", "ddim": "uniform"}
+DEFAULT_GRIDS = {"ddpm": "uniform", "ddim": "uniform", "trig-abm": CALIBRATED}
+ODE_SAMPLERS = ("ddim", "euler", "heun", "dpmpp-2m", "dpmpp-3m", "trig-abm")  # those a grid can be calibrated for
 STANDARD_ARGS = ("denoiser", "times", "x", "generator", "cond", "callback")
 
 
@@ -419,6 +422,7 @@ class SampleOutput:
     nfe: int
     times: torch.Tensor
     trajectory: list[torch.Tensor] = field(default_factory=list)
+    calibration: Calibration | None = None  # the calibrated grid's choice and pilot cost, if one was used
 
 
 @torch.no_grad()
@@ -430,9 +434,12 @@ def sample(denoiser, schedule: Schedule | None = None, shape: tuple[int, ...] | 
     """Draw samples: x_T ~ N(0, prior_std^2 I), then `sampler` over a `grid` of `steps` steps.
 
     `schedule` defaults to (and must be) the denoiser's; `grid` names a grid of deepgm.diffusion.grids
-    ('uniform', 'log-snr', 'karras', 'trig'; default: 'uniform' for the discrete-time samplers ddpm and
-    ddim, which then keep integer timesteps, else 'trig'); `times` overrides it; `options` go to the
-    sampler (e.g. eta for DDIM, rtol/atol for rk45). NFE is counted here, whatever the sampler does.
+    ('uniform', 'log-snr', 'karras', 'trig', or 'calibrated' for the ODE samplers; default: 'uniform' for the
+    discrete-time samplers ddpm and ddim, which then keep integer timesteps, 'calibrated' for trig-abm, else
+    'trig'); `times` overrides it; `options` go to the sampler (e.g. eta for DDIM, rtol/atol for rk45). NFE is
+    counted here, whatever the sampler does. A calibrated grid (deepgm.diffusion.calibration) is made once per
+    denoiser, sampler, steps, options and sample shape, and cached on the denoiser; its pilot evaluations are
+    reported in `calibration.pilot_nfe`, apart from the per-sample `nfe`.
     """
     schedule = schedule or denoiser.schedule
     if schedule is not denoiser.schedule:
@@ -444,15 +451,21 @@ def sample(denoiser, schedule: Schedule | None = None, shape: tuple[int, ...] | 
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for sampler {sampler!r}; it takes {allowed or 'none'}")
-    if times is None:
-        times = make_grid(grid or DEFAULT_GRIDS.get(sampler, DEFAULT_GRID), schedule, steps)
-    times = torch.as_tensor(times, dtype=torch.float64)
-    if times.dim() != 1 or len(times) < 2 or not bool((times[1:] < times[:-1]).all()) or float(times[-1]) != 0.0:
-        raise ValueError("times must be a strictly decreasing 1-D grid that ends exactly at 0")
     if x_T is None:
         if shape is None:
             raise ValueError("give either shape or x_T")
         x_T = schedule.prior_std() * torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    calibration = None
+    if times is None:
+        grid = grid or DEFAULT_GRIDS.get(sampler, DEFAULT_GRID)
+        if grid == CALIBRATED:
+            calibration = _calibrated(denoiser, sampler, steps, x_T, cond, options)
+            times = calibration.times
+        else:
+            times = make_grid(grid, schedule, steps)
+    times = torch.as_tensor(times, dtype=torch.float64)
+    if times.dim() != 1 or len(times) < 2 or not bool((times[1:] < times[:-1]).all()) or float(times[-1]) != 0.0:
+        raise ValueError("times must be a strictly decreasing 1-D grid that ends exactly at 0")
     counted = _CountingDenoiser(denoiser)
     trajectory = [x_T] if return_trajectory else []
     bar = tqdm(total=len(times) - 1, desc=f"sampling ({sampler})", disable=not progress, leave=False)
@@ -464,4 +477,18 @@ def sample(denoiser, schedule: Schedule | None = None, shape: tuple[int, ...] | 
 
     x = run(counted, times.to(x_T.device), x_T, generator=generator, cond=cond, callback=callback, **options)
     bar.close()
-    return SampleOutput(x=x, nfe=counted.nfe, times=times, trajectory=trajectory)
+    return SampleOutput(x=x, nfe=counted.nfe, times=times, trajectory=trajectory, calibration=calibration)
+
+
+def _calibrated(denoiser, sampler: str, steps: int, x_T: torch.Tensor, cond: dict | None, options: dict):
+    """The calibrated grid for these settings: from the denoiser's cache, else made now (pilot_nfe > 0) and kept."""
+    if sampler not in ODE_SAMPLERS:
+        raise ValueError(f"the calibrated grid is for the ODE samplers {list(ODE_SAMPLERS)}, not {sampler!r}; "
+                         "give the grid explicitly (e.g. grid='trig')")
+    cache = denoiser.__dict__.setdefault("_calibrated_grids", {})
+    key = (sampler, steps, tuple(sorted(options.items())), tuple(x_T.shape[1:]), x_T.dtype, str(x_T.device))
+    if key in cache:
+        return Calibration(cache[key].times, cache[key].chosen, cache[key].pilot_errors, 0, cache[key].pilot)
+    cache[key] = calibrate(denoiser, sampler, steps, tuple(x_T.shape[1:]), cond=cond, device=x_T.device,
+                           dtype=x_T.dtype, **options)
+    return cache[key]

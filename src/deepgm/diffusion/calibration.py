@@ -1,0 +1,128 @@
+"""A time grid calibrated to one model, from a pilot solve of its probability-flow ODE.
+
+Where a few-step sampler should spend its steps depends on the data: a 2-D ring of tight modes needs them at
+low noise, where the fine structure appears; a 64-D mixture needs them at high noise, where each sample settles
+on a mode. No fixed grid serves both (benchmarks/sampler_accuracy.py), so `calibrate`:
+
+1. solves the ODE finely for a small pilot batch (trig-abm, order 3, `fine_steps` steps uniform in
+   theta = arctan(sigma/alpha)), recording the network output in TrigFlow variables, F(theta), along the way;
+2. builds grids that equidistribute the local error: step density proportional to rms|F''(theta)|^p for
+   p = 0.5 and 0.7 (the second derivative by divided differences, its rms over the pilot batch; a density
+   floor of 5% of the mean keeps quiet stretches from getting no step at all);
+3. runs the requested sampler on the pilot batch over those grids and over the trig grids of scale 0.5, 1 and
+   2, and keeps whichever lands closest (rms) to the fine solution.
+
+The pilot costs `fine_steps + 5 * steps` batched network evaluations on `pilot` samples, once per model and
+settings (`deepgm.sample` caches the result on the denoiser). The powers were chosen on the benchmark's mixtures:
+1/3, the asymptotic optimum for a 2nd-order method, puts too few steps where the 2-D ring's modes sharpen. The
+pilot cannot see rare events: in 64-D a few samples in a thousand sit near the boundary between two modes,
+and a coarse grid sends them to the other mode; those dominate the rms there, so which grid is best at
+NFE >= 10 is partly luck of the draw (benchmarks/results/sampler_accuracy.md).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from deepgm.diffusion.grids import from_scaled_noise, smallest_time, trig
+
+CANDIDATE_SCALES = (0.5, 1.0, 2.0)  # trig grids that the equidistributed grid must beat on the pilot batch
+DENSITY_POWERS, DENSITY_FLOOR = (0.5, 0.7), 0.05
+
+
+@dataclass
+class Calibration:
+    """The chosen grid, which candidate it was, every candidate's pilot error, and the pilot's cost."""
+
+    times: torch.Tensor
+    chosen: str
+    pilot_errors: dict[str, float] = field(default_factory=dict)
+    pilot_nfe: int = 0
+    pilot: int = 0
+
+
+class _Recorder(torch.nn.Module):
+    """Passes calls through to the denoiser, keeping the rms second derivative of F over theta as it goes."""
+
+    def __init__(self, denoiser):
+        super().__init__()
+        self.inner, self.schedule = denoiser, denoiser.schedule
+        self.nfe, self.recording = 0, True
+        self.points: list[tuple[float, torch.Tensor]] = []  # the last three (theta, F)
+        self.curvature: list[tuple[float, float]] = []  # (theta, rms F'') at interior points
+
+    def forward(self, x, t, **cond):
+        pred = self.inner(x, t, **cond)
+        self.nfe += 1
+        if not self.recording:
+            return pred
+        alpha, sigma = (float(v) for v in self.schedule.alpha_sigma(torch.as_tensor(t, dtype=torch.float64)))
+        s = sigma / alpha
+        nu = math.sqrt(s * s + 1.0)  # TrigFlow variables with sigma_data = 1, as in trig-abm's default
+        f = (pred.x0.double() - x.double() / (alpha * nu * nu)) * (nu / s)
+        self.points = (self.points + [(math.atan(s), f)])[-3:]
+        if len(self.points) == 3:
+            (a, fa), (b, fb), (c, fc) = self.points
+            second = 2 * ((fa - fb) / (a - b) - (fb - fc) / (b - c)) / (a - c)
+            self.curvature.append((b, float(second.pow(2).mean().sqrt())))
+        return pred
+
+
+def _equidistributed(schedule, curvature: list[tuple[float, float]], theta_top: float, theta_end: float,
+                     steps: int, power: float) -> torch.Tensor:
+    """`steps` times at equal quantiles of the density rms|F''|^p (plus a floor), from t = 1 to t_min, then 0."""
+    theta = torch.tensor([th for th, _ in curvature], dtype=torch.float64)  # decreasing
+    density = torch.tensor([g for _, g in curvature], dtype=torch.float64).pow(power)
+    density = density + DENSITY_FLOOR * density.mean() + 1e-12
+    edges = torch.cat([torch.tensor([theta_top], dtype=torch.float64), (theta[1:] + theta[:-1]) / 2,
+                       torch.tensor([theta_end], dtype=torch.float64)])
+    mass = torch.cat([density.new_zeros(1), (density * (edges[:-1] - edges[1:])).cumsum(0)])
+    mass = mass / mass[-1]
+    quantiles = torch.linspace(0.0, 1.0, steps, dtype=torch.float64)
+    cell = (torch.searchsorted(mass, quantiles, right=True) - 1).clamp(0, len(edges) - 2)
+    frac = (quantiles - mass[cell]) / (mass[cell + 1] - mass[cell])
+    grid_theta = edges[cell] + frac * (edges[cell + 1] - edges[cell])
+    return from_scaled_noise(schedule, torch.tan(grid_theta))
+
+
+@torch.no_grad()
+def calibrate(denoiser, sampler: str, steps: int, shape: tuple[int, ...], pilot: int = 256,
+              fine_steps: int | None = None, seed: int = 0, cond: dict | None = None, device=None,
+              dtype=torch.float32, **options) -> Calibration:
+    """A grid of `steps` steps for `sampler` on this denoiser (see the module notes); shape is one sample's."""
+    from deepgm.diffusion.samplers import SAMPLERS  # the samplers module calls back into this one
+
+    if pilot < 2:
+        raise ValueError(f"pilot must be at least 2 samples, got {pilot}")
+    fine_steps = max(100, 4 * steps) if fine_steps is None else fine_steps
+    if fine_steps < max(8, 2 * steps):
+        raise ValueError(f"fine_steps={fine_steps} is too coarse to calibrate {steps} steps; use >= {2 * steps}")
+    schedule = denoiser.schedule
+    if steps < 3:  # nothing to place between the two ends
+        return Calibration(trig(schedule, steps), "trig")
+    generator = torch.Generator(device=device).manual_seed(seed)
+    z = schedule.prior_std() * torch.randn((pilot, *shape), generator=generator, device=device, dtype=dtype)
+    if cond:  # cycle the conditioning (e.g. class labels) over the pilot batch
+        cond = {k: v[torch.arange(pilot, device=v.device) % len(v)] for k, v in cond.items()}
+    recorder = _Recorder(denoiser)
+    fine = trig(schedule, fine_steps)
+    solution = SAMPLERS["trig-abm"](recorder, fine.to(z.device), z, cond=cond, order=3)
+    theta_top, theta_end = (math.atan(float(s)) for s in _scaled(schedule, [1.0, smallest_time(schedule)]))
+    recorder.recording = False
+    candidates = {f"equidistributed({power:g})": _equidistributed(schedule, recorder.curvature, theta_top, theta_end,
+                                                                  steps, power) for power in DENSITY_POWERS}
+    candidates.update({f"trig({scale:g})": trig(schedule, steps, scale=scale) for scale in CANDIDATE_SCALES})
+    errors = {}
+    for name, times in candidates.items():
+        x = SAMPLERS[sampler](recorder, times.to(z.device), z, generator=generator, cond=cond, **options)
+        errors[name] = float((x.double() - solution.double()).pow(2).mean().sqrt())
+    chosen = min(errors, key=errors.get)
+    return Calibration(candidates[chosen], chosen, errors, recorder.nfe, pilot)
+
+
+def _scaled(schedule, times: list[float]) -> torch.Tensor:
+    """s = sigma/alpha at the given times."""
+    return torch.exp(-schedule.log_snr(torch.tensor(times, dtype=torch.float64)) / 2)

@@ -1,0 +1,109 @@
+"""The calibrated time grid: error equidistribution from a pilot solve, chosen against fixed grids on the pilot."""
+
+import math
+
+import pytest
+import torch
+
+import deepgm
+from deepgm.data import make_mixture
+from deepgm.diffusion.calibration import _equidistributed, calibrate
+from deepgm.diffusion.denoiser import Denoiser
+from deepgm.diffusion.grids import CALIBRATED, make_grid, smallest_time, trig
+from deepgm.diffusion.schedules import DiscreteVP
+
+
+def oracle(gmm, schedule):
+    def posterior_mean(x, t):
+        alpha, sigma = schedule.alpha_sigma(t[0])
+        return gmm.posterior_mean(x, float(alpha), float(sigma)).to(x.dtype)
+
+    return Denoiser.from_fn(posterior_mean, schedule, parameterization="x0")
+
+
+def theta_ends(schedule):
+    s = torch.exp(-schedule.log_snr(torch.tensor([1.0, smallest_time(schedule)], dtype=torch.float64)) / 2)
+    return math.atan(float(s[0])), math.atan(float(s[1]))
+
+
+def test_constant_curvature_gives_the_grid_uniform_in_theta():
+    schedule = DiscreteVP.linear(T=1000)
+    top, end = theta_ends(schedule)
+    theta = torch.linspace(top, end, 50, dtype=torch.float64)[1:-1].tolist()
+    for power in (0.5, 0.7):
+        times = _equidistributed(schedule, [(th, 3.0) for th in theta], top, end, 9, power)
+        torch.testing.assert_close(times, trig(schedule, 9), rtol=1e-9, atol=1e-12)
+
+
+def test_steps_go_where_the_denoiser_output_bends():
+    schedule = DiscreteVP.linear(T=1000)
+    top, end = theta_ends(schedule)
+    theta = torch.linspace(top, end, 200, dtype=torch.float64)[1:-1]
+    bump = (theta > 0.5) & (theta < 0.7)  # all the curvature in 0.2 of the ~1.56 theta range
+    times = _equidistributed(schedule, list(zip(theta.tolist(), bump.double().add(1e-6).tolist(), strict=True)),
+                             top, end, 12, 0.5)
+    s = torch.exp(-schedule.log_snr(times[:-1]) / 2)
+    inside = ((torch.atan(s) > 0.5) & (torch.atan(s) < 0.7)).sum()
+    assert int(inside) >= 8  # uniform in theta would put 1 or 2 of the 12 there
+
+
+def test_calibrated_grid_beats_the_fixed_trig_grid_on_the_ring():
+    # the ring's modes sharpen at low noise: the calibration must find that from the pilot alone
+    schedule = DiscreteVP.linear(T=1000)
+    denoiser = oracle(make_mixture("ring"), schedule)
+    cal = calibrate(denoiser, "trig-abm", 10, (2,), pilot=128, dtype=torch.float64)
+    times = cal.times
+    assert times.shape == (11,) and times[0] == 1.0 and times[-1] == 0.0 and bool((times[1:] < times[:-1]).all())
+    assert times[-2] == pytest.approx(smallest_time(schedule), rel=1e-12)
+    assert cal.pilot_nfe == 100 + 5 * 10 and cal.chosen in cal.pilot_errors and len(cal.pilot_errors) == 5
+    assert cal.pilot_errors[cal.chosen] == min(cal.pilot_errors.values())
+
+    x_T = torch.randn(1000, 2, generator=torch.Generator().manual_seed(5), dtype=torch.float64)  # not the pilot's
+    exact = deepgm.sample(denoiser, x_T=x_T, sampler="rk45", steps=2, rtol=1e-8, atol=1e-8, dtype=torch.float64).x
+
+    def rms(grid_times):
+        x = deepgm.sample(denoiser, x_T=x_T, sampler="trig-abm", times=grid_times, dtype=torch.float64).x
+        return float((x - exact).pow(2).mean().sqrt())
+
+    assert rms(times) < 0.6 * rms(make_grid("trig", schedule, 10))
+
+
+def test_sample_calibrates_once_per_denoiser_and_settings_and_counts_the_pilot_apart():
+    schedule = DiscreteVP.linear(T=1000)
+    denoiser = oracle(make_mixture("ring"), schedule)
+    first = deepgm.sample(denoiser, shape=(16, 2), steps=6, dtype=torch.float64)  # the default: trig-abm, calibrated
+    assert first.nfe == 6 and first.calibration is not None and first.calibration.pilot_nfe > 0
+    again = deepgm.sample(denoiser, shape=(16, 2), steps=6, dtype=torch.float64)
+    assert again.calibration.pilot_nfe == 0 and torch.equal(again.times, first.times)
+    other = deepgm.sample(denoiser, shape=(16, 2), steps=6, sampler="dpmpp-2m", grid=CALIBRATED, dtype=torch.float64)
+    assert other.calibration.pilot_nfe > 0  # a different sampler is calibrated for itself
+    fixed = deepgm.sample(denoiser, shape=(16, 2), steps=6, grid="trig", dtype=torch.float64)
+    assert fixed.calibration is None
+
+
+def test_conditioning_is_cycled_over_the_pilot_batch():
+    schedule = DiscreteVP.linear(T=1000)
+    rings = [make_mixture("ring"), make_mixture("grid")]
+
+    def posterior_mean(x, t, y):
+        alpha, sigma = (float(v) for v in schedule.alpha_sigma(t[0]))
+        means = [g.posterior_mean(x, alpha, sigma) for g in rings]
+        return torch.where(y[:, None] == 0, means[0], means[1]).to(x.dtype)
+
+    denoiser = Denoiser.from_fn(posterior_mean, schedule, parameterization="x0")
+    y = torch.tensor([0, 1, 1])  # fewer labels than pilot samples
+    cal = calibrate(denoiser, "trig-abm", 5, (2,), pilot=8, cond={"y": y}, dtype=torch.float64)
+    assert cal.times.shape == (6,) and all(math.isfinite(e) for e in cal.pilot_errors.values())
+
+
+def test_bad_calibration_requests_are_value_errors():
+    schedule = DiscreteVP.linear(T=1000)
+    denoiser = oracle(make_mixture("ring"), schedule)
+    with pytest.raises(ValueError, match="made from the model"):
+        make_grid(CALIBRATED, schedule, 10)
+    with pytest.raises(ValueError, match="ODE samplers"):
+        deepgm.sample(denoiser, shape=(4, 2), sampler="euler-maruyama", grid=CALIBRATED, steps=5)
+    with pytest.raises(ValueError, match="pilot"):
+        calibrate(denoiser, "trig-abm", 5, (2,), pilot=1)
+    with pytest.raises(ValueError, match="fine_steps"):
+        calibrate(denoiser, "trig-abm", 20, (2,), fine_steps=30)
