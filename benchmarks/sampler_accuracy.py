@@ -131,7 +131,7 @@ def run_deepgm(oracle: Oracle, z: torch.Tensor, nfe: int, sampler: str, grid: st
         if key not in oracle.calibrations:
             oracle.calibrations[key] = calibrate(oracle.denoiser(), sampler, steps(nfe), tuple(z.shape[1:]),
                                                  seed=PILOT_SEED, dtype=torch.float64, **options)
-        times = oracle.calibrations[key].times
+        times, options = oracle.calibrations[key].times, {**options, **oracle.calibrations[key].options}
     else:
         times = make_grid(grid, oracle.schedule, steps(nfe), **(grid_options or {}))
     oracle.nfe = 0

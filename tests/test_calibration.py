@@ -55,17 +55,18 @@ def test_calibrated_grid_beats_the_fixed_trig_grid_on_the_ring():
     times = cal.times
     assert times.shape == (11,) and times[0] == 1.0 and times[-1] == 0.0 and bool((times[1:] < times[:-1]).all())
     assert times[-2] == pytest.approx(smallest_time(schedule), rel=1e-12)
-    assert cal.pilot_nfe == 100 + 5 * 10 and cal.chosen in cal.pilot_errors and len(cal.pilot_errors) == 5
-    assert cal.pilot_errors[cal.chosen] == min(cal.pilot_errors.values())
+    # 5 grids x orders 1 and 2 on the pilot, after the 100-step fine solve
+    assert cal.pilot_nfe == 100 + 10 * 10 and cal.chosen in cal.pilot_errors and len(cal.pilot_errors) == 10
+    assert cal.pilot_errors[cal.chosen] == min(cal.pilot_errors.values()) and cal.options["order"] in (1, 2)
 
     x_T = torch.randn(1000, 2, generator=torch.Generator().manual_seed(5), dtype=torch.float64)  # not the pilot's
     exact = deepgm.sample(denoiser, x_T=x_T, sampler="rk45", steps=2, rtol=1e-8, atol=1e-8, dtype=torch.float64).x
 
-    def rms(grid_times):
-        x = deepgm.sample(denoiser, x_T=x_T, sampler="trig-abm", times=grid_times, dtype=torch.float64).x
+    def rms(grid_times, **options):
+        x = deepgm.sample(denoiser, x_T=x_T, sampler="trig-abm", times=grid_times, dtype=torch.float64, **options).x
         return float((x - exact).pow(2).mean().sqrt())
 
-    assert rms(times) < 0.6 * rms(make_grid("trig", schedule, 10))
+    assert rms(times, **cal.options) < 0.6 * rms(make_grid("trig", schedule, 10))
 
 
 def test_sample_calibrates_once_per_denoiser_and_settings_and_counts_the_pilot_apart():
@@ -79,6 +80,24 @@ def test_sample_calibrates_once_per_denoiser_and_settings_and_counts_the_pilot_a
     assert other.calibration.pilot_nfe > 0  # a different sampler is calibrated for itself
     fixed = deepgm.sample(denoiser, shape=(16, 2), steps=6, grid="trig", dtype=torch.float64)
     assert fixed.calibration is None
+    x_T = torch.randn(16, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    by_hand = deepgm.sample(denoiser, x_T=x_T, times=first.times, **first.calibration.options).x
+    assert torch.equal(deepgm.sample(denoiser, x_T=x_T, steps=6).x, by_hand)  # the winning order is used too
+    many = deepgm.sample(denoiser, shape=(16, 2), steps=30, dtype=torch.float64)  # past MOST_STEPS: no pilot
+    assert many.calibration.pilot_nfe == 0 and torch.equal(many.times, trig(schedule, 30))
+
+
+def test_a_model_trained_further_is_calibrated_afresh():
+    schedule = DiscreteVP.linear(T=1000)
+    net = torch.nn.Linear(3, 2).double()  # input: x and the time feature
+    denoiser = Denoiser.from_fn(lambda x, t: net(torch.cat([x, t[:, None].to(x.dtype)], 1)), schedule, "x0")
+    denoiser.add_module("trainable", net)  # so that denoiser.parameters() sees the weights
+    kwargs = dict(shape=(8, 2), steps=4, dtype=torch.float64)
+    assert deepgm.sample(denoiser, **kwargs).calibration.pilot_nfe > 0
+    assert deepgm.sample(denoiser, **kwargs).calibration.pilot_nfe == 0
+    with torch.no_grad():
+        net.weight.mul_(0.5)  # what an optimiser step does: an in-place update
+    assert deepgm.sample(denoiser, **kwargs).calibration.pilot_nfe > 0
 
 
 def test_conditioning_is_cycled_over_the_pilot_batch():

@@ -10,14 +10,17 @@ on a mode. No fixed grid serves both (benchmarks/sampler_accuracy.py), so `calib
    p = 0.5 and 0.7 (the second derivative by divided differences, its rms over the pilot batch; a density
    floor of 5% of the mean keeps quiet stretches from getting no step at all);
 3. runs the requested sampler on the pilot batch over those grids and over the trig grids of scale 0.5, 1 and
-   2, and keeps whichever lands closest (rms) to the fine solution.
+   2 (for trig-abm, at orders 1 and 2 too), and keeps whichever lands closest (rms) to the fine solution.
 
-The pilot costs `fine_steps + 5 * steps` batched network evaluations on `pilot` samples, once per model and
-settings (`deepgm.sample` caches the result on the denoiser). The powers were chosen on the benchmark's mixtures:
-1/3, the asymptotic optimum for a 2nd-order method, puts too few steps where the 2-D ring's modes sharpen. The
-pilot cannot see rare events: in 64-D a few samples in a thousand sit near the boundary between two modes,
-and a coarse grid sends them to the other mode; those dominate the rms there, so which grid is best at
-NFE >= 10 is partly luck of the draw (benchmarks/results/sampler_accuracy.md).
+The pilot costs `fine_steps + 5 * steps` (trig-abm: `fine_steps + 10 * steps`) batched network evaluations on
+`pilot` samples, once per model and settings (`deepgm.sample` caches the result on the denoiser); above
+MOST_STEPS steps there is no pilot and the grid is trig. The powers were chosen on the benchmark's mixtures:
+1/3, the asymptotic optimum for a 2nd-order method, puts too few steps where the 2-D ring's modes sharpen.
+The order candidates come from a trained digits network (benchmarks/digits_grids.py), which at 6 steps is
+twice as far from its ODE solution at order 2 as at order 1, unlike an exact denoiser. The pilot cannot see
+rare events: in 64-D a few samples in a thousand sit near the boundary between two modes, and a coarse grid
+sends them to the other mode; those dominate the rms there, so which grid is best at NFE >= 10 is partly
+luck of the draw (benchmarks/results/sampler_accuracy.md).
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ from deepgm.diffusion.grids import from_scaled_noise, smallest_time, trig
 
 CANDIDATE_SCALES = (0.5, 1.0, 2.0)  # trig grids that the equidistributed grid must beat on the pilot batch
 DENSITY_POWERS, DENSITY_FLOOR = (0.5, 0.7), 0.05
+ORDERS = (1, 2)  # trig-abm's orders tried, when the caller does not fix one
+MOST_STEPS = 20  # above this every grid is close to converged on the benchmarks, and the pilot would cost most
 
 
 @dataclass
@@ -42,6 +47,7 @@ class Calibration:
     pilot_errors: dict[str, float] = field(default_factory=dict)
     pilot_nfe: int = 0
     pilot: int = 0
+    options: dict = field(default_factory=dict)  # sampler options that won with the grid (trig-abm's order)
 
 
 class _Recorder(torch.nn.Module):
@@ -59,7 +65,7 @@ class _Recorder(torch.nn.Module):
         self.nfe += 1
         if not self.recording:
             return pred
-        alpha, sigma = (float(v) for v in self.schedule.alpha_sigma(torch.as_tensor(t, dtype=torch.float64)))
+        alpha, sigma = (float(v) for v in self.schedule.alpha_sigma(torch.tensor(float(t), dtype=torch.float64)))
         s = sigma / alpha
         nu = math.sqrt(s * s + 1.0)  # TrigFlow variables with sigma_data = 1, as in trig-abm's default
         f = (pred.x0.double() - x.double() / (alpha * nu * nu)) * (nu / s)
@@ -92,7 +98,9 @@ def _equidistributed(schedule, curvature: list[tuple[float, float]], theta_top: 
 def calibrate(denoiser, sampler: str, steps: int, shape: tuple[int, ...], pilot: int = 256,
               fine_steps: int | None = None, seed: int = 0, cond: dict | None = None, device=None,
               dtype=torch.float32, **options) -> Calibration:
-    """A grid of `steps` steps for `sampler` on this denoiser (see the module notes); shape is one sample's."""
+    """A grid of `steps` steps for `sampler` on this denoiser (see the module notes); shape is one sample's.
+    For trig-abm without an explicit `order`, orders 1 and 2 are candidates too, and `options` of the result
+    says which won."""
     from deepgm.diffusion.samplers import SAMPLERS  # the samplers module calls back into this one
 
     if pilot < 2:
@@ -101,7 +109,7 @@ def calibrate(denoiser, sampler: str, steps: int, shape: tuple[int, ...], pilot:
     if fine_steps < max(8, 2 * steps):
         raise ValueError(f"fine_steps={fine_steps} is too coarse to calibrate {steps} steps; use >= {2 * steps}")
     schedule = denoiser.schedule
-    if steps < 3:  # nothing to place between the two ends
+    if not 3 <= steps <= MOST_STEPS:  # nothing to place between the ends / every grid is accurate enough
         return Calibration(trig(schedule, steps), "trig")
     generator = torch.Generator(device=device).manual_seed(seed)
     z = schedule.prior_std() * torch.randn((pilot, *shape), generator=generator, device=device, dtype=dtype)
@@ -112,15 +120,20 @@ def calibrate(denoiser, sampler: str, steps: int, shape: tuple[int, ...], pilot:
     solution = SAMPLERS["trig-abm"](recorder, fine.to(z.device), z, cond=cond, order=3)
     theta_top, theta_end = (math.atan(float(s)) for s in _scaled(schedule, [1.0, smallest_time(schedule)]))
     recorder.recording = False
-    candidates = {f"equidistributed({power:g})": _equidistributed(schedule, recorder.curvature, theta_top, theta_end,
-                                                                  steps, power) for power in DENSITY_POWERS}
-    candidates.update({f"trig({scale:g})": trig(schedule, steps, scale=scale) for scale in CANDIDATE_SCALES})
-    errors = {}
-    for name, times in candidates.items():
-        x = SAMPLERS[sampler](recorder, times.to(z.device), z, generator=generator, cond=cond, **options)
-        errors[name] = float((x.double() - solution.double()).pow(2).mean().sqrt())
+    grids = {f"equidistributed({power:g})": _equidistributed(schedule, recorder.curvature, theta_top, theta_end,
+                                                             steps, power) for power in DENSITY_POWERS}
+    grids.update({f"trig({scale:g})": trig(schedule, steps, scale=scale) for scale in CANDIDATE_SCALES})
+    # a learned denoiser is less smooth in t than an exact one: at ~6 steps the first-order method can win
+    orders = [{"order": k} for k in ORDERS] if sampler == "trig-abm" and "order" not in options else [{}]
+    errors, choices = {}, {}
+    for name, times in grids.items():
+        for extra in orders:
+            label = name + "".join(f", order {v}" for v in extra.values())
+            x = SAMPLERS[sampler](recorder, times.to(z.device), z, generator=generator, cond=cond, **options, **extra)
+            errors[label] = float((x.double() - solution.double()).pow(2).mean().sqrt())
+            choices[label] = (times, extra)
     chosen = min(errors, key=errors.get)
-    return Calibration(candidates[chosen], chosen, errors, recorder.nfe, pilot)
+    return Calibration(choices[chosen][0], chosen, errors, recorder.nfe, pilot, choices[chosen][1])
 
 
 def _scaled(schedule, times: list[float]) -> torch.Tensor:

@@ -6,6 +6,7 @@ takes any grid that ends exactly at t = 0 (where alpha = 1, sigma = 0 and x equa
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 from collections.abc import Callable
@@ -460,7 +461,7 @@ def sample(denoiser, schedule: Schedule | None = None, shape: tuple[int, ...] | 
         grid = grid or DEFAULT_GRIDS.get(sampler, DEFAULT_GRID)
         if grid == CALIBRATED:
             calibration = _calibrated(denoiser, sampler, steps, x_T, cond, options)
-            times = calibration.times
+            times, options = calibration.times, {**options, **calibration.options}
         else:
             times = make_grid(grid, schedule, steps)
     times = torch.as_tensor(times, dtype=torch.float64)
@@ -486,9 +487,11 @@ def _calibrated(denoiser, sampler: str, steps: int, x_T: torch.Tensor, cond: dic
         raise ValueError(f"the calibrated grid is for the ODE samplers {list(ODE_SAMPLERS)}, not {sampler!r}; "
                          "give the grid explicitly (e.g. grid='trig')")
     cache = denoiser.__dict__.setdefault("_calibrated_grids", {})
-    key = (sampler, steps, tuple(sorted(options.items())), tuple(x_T.shape[1:]), x_T.dtype, str(x_T.device))
+    # parameter versions: in-place optimiser (and EMA) steps bump them, so a model trained on is calibrated afresh
+    weights = tuple(p._version for p in denoiser.parameters())
+    key = (sampler, steps, tuple(sorted(options.items())), tuple(x_T.shape[1:]), x_T.dtype, str(x_T.device), weights)
     if key in cache:
-        return Calibration(cache[key].times, cache[key].chosen, cache[key].pilot_errors, 0, cache[key].pilot)
+        return dataclasses.replace(cache[key], pilot_nfe=0)
     cache[key] = calibrate(denoiser, sampler, steps, tuple(x_T.shape[1:]), cond=cond, device=x_T.device,
                            dtype=x_T.dtype, **options)
     return cache[key]
