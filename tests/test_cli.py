@@ -43,6 +43,17 @@ def test_sample_writes_grid_and_npz(digits_run, tmp_path):
     assert Image.open(out.with_suffix(".png")).size[0] >= 64
 
 
+def test_sample_with_the_default_sampler_calibrates_its_grid(digits_run, tmp_path, capsys):
+    out = tmp_path / "c"
+    args = ["sample", str(digits_run), "--sampler", "trig-abm", "--steps", "4", "--n", "10", "--out", str(out)]
+    assert main(args) == 0
+    assert "calibrated grid:" in capsys.readouterr().out
+    arrays = np.load(out.with_suffix(".npz"))
+    times = arrays["times"]
+    assert int(arrays["nfe"]) == 4 and times.shape == (5,) and times[0] == 1.0 and times[-1] == 0.0
+    assert np.isfinite(arrays["x"]).all()
+
+
 def test_eval_reports_fid_with_floor_and_bits_per_dim(digits_run, capsys):
     assert main(["eval", str(digits_run)]) == 0
     metrics = json.loads((digits_run / "eval.json").read_text())

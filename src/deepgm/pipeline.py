@@ -18,9 +18,10 @@ from torch import nn
 from deepgm.config import check_config, save_config
 from deepgm.data import Dataset, load_dataset
 from deepgm.diffusion.denoiser import Thresholded
+from deepgm.diffusion.grids import CALIBRATED
 from deepgm.diffusion.losses import noise_data, vlb
 from deepgm.diffusion.model import DiffusionModel
-from deepgm.diffusion.samplers import SampleOutput, sample
+from deepgm.diffusion.samplers import DEFAULT_GRIDS, SampleOutput, sample
 from deepgm.files import write_json
 from deepgm.likelihood import bits_per_dim
 from deepgm.models import build_model
@@ -91,9 +92,12 @@ def train_run(config: dict, run_dir: Path, resume: bool = False, progress: bool 
         save_config(config, saved)
     grid = config["sample"]
 
+    # previews: the weights change between them, so a calibrated grid would pay its pilot every time
+    preview = {"grid": "trig"} if DEFAULT_GRIDS.get(grid["sampler"]) == CALIBRATED else {}
+
     def sample_fn(ema_model: nn.Module, step: int) -> None:
         x, _ = draw_samples(ema_model, data, min(grid["n"], 64), grid["sampler"], grid["steps"], config["seed"],
-                            clip=grid.get("clip", True))
+                            clip=grid.get("clip", True), **preview)
         save_samples_picture(x.x.cpu(), data, run_dir / "samples" / f"step-{step:08d}.png")
 
     trainer = Trainer(model, data, train_config, run_dir, sample_fn=sample_fn, progress=progress)
@@ -147,7 +151,10 @@ def sample_run(run_dir: str | Path, sampler: str | None = None, steps: int | Non
     how = f"{sampler}-{steps}steps" if isinstance(run.model, DiffusionModel) else "ancestral"
     stem = Path(out) if out else Path(run_dir) / "samples" / f"{how}-seed{seed}"
     stem.parent.mkdir(parents=True, exist_ok=True)
-    arrays = {"x": result.x.cpu().numpy(), "nfe": np.array(result.nfe)}
+    arrays = {"x": result.x.cpu().numpy(), "nfe": np.array(result.nfe), "times": result.times.cpu().numpy()}
+    if result.calibration is not None:
+        c = result.calibration
+        print(f"calibrated grid: {c.chosen} (pilot: {c.pilot_nfe} evaluations of {c.pilot} samples)")
     if labels is not None:
         arrays["y"] = labels.cpu().numpy()
     np.savez(stem.with_suffix(".npz"), **arrays)
