@@ -9,7 +9,11 @@ same starting noise. Errors at NFE 4, 6, 8, 10, 15, 20, 50 (NFE counted at the o
   smallest noise level every sampler here reaches), then the final denoise jump.
 - sw2: sliced Wasserstein-2 to fresh true samples (deepgm.eval.metrics, the same 256 projections for all);
 - fd: Fréchet distance of Gaussian fits to the same true samples (deepgm.eval.metrics.fid on raw points);
-  both with their two-sample noise floor (true samples against other true samples).
+  both with their two-sample noise floor (true samples against other true samples);
+- modes, mode_fd: each sample is assigned to its most probable component; `modes` is the total variation
+  between the fractions the components get and their weights, `mode_fd` the weight-averaged Fréchet distance of
+  each component's samples to its exact mean and covariance. A Gaussian fit of a whole mixture (fd) cannot tell
+  a sample sent to the wrong mode from one slightly off inside its mode; these can. Their floor: true samples.
 
 Protocol. Every configuration runs on a selection draw (noise, true samples, reference); each library's
 finalists (its 3 best by each metric at each NFE) and deepgm's default run again on an independent, 4-5x larger
@@ -59,10 +63,11 @@ from deepgm.diffusion.grids import CALIBRATED, available_grids, make_grid
 from deepgm.diffusion.samplers import DEFAULT_GRIDS, DEFAULT_SAMPLER, ODE_SAMPLERS
 from deepgm.diffusion.schedules import DiscreteVP
 from deepgm.eval.metrics import fid as frechet
-from deepgm.eval.metrics import sliced_wasserstein
+from deepgm.eval.metrics import frechet_distance, sliced_wasserstein
 
 NFES = (4, 6, 8, 10, 15, 20, 50)
 GOAL_NFES = (6, 10, 20)
+METRICS = ("rms", "sw2", "fd", "modes", "mode_fd")
 DEFAULT = (DEFAULT_SAMPLER, DEFAULT_GRIDS[DEFAULT_SAMPLER])  # what deepgm.sample uses when told nothing
 OFF = 0.5  # a sample this far (rms per coordinate) from its ODE solution went to another mode: neighbouring
 # modes are ~1.1 (ring) and ~1.4 (64-D) apart per coordinate, truncation errors are < 0.1 from NFE 6 on
@@ -275,19 +280,38 @@ class Draw:
         self.reference = deepgm.sample(oracle.denoiser(), x_T=self.z, sampler="rk45", grid="uniform", steps=2,
                                        rtol=1e-10, atol=1e-10, dtype=torch.float64).x
         self.reference_nfe = oracle.nfe
-        self.floor = {"sw2": self.sliced_w2(self.truth, other), "fd": frechet(self.truth, other)}
+        self.gmm = gmm
+        self.floor = {"sw2": self.sliced_w2(self.truth, other), "fd": frechet(self.truth, other),
+                      **self.modes(other)}
 
     def sliced_w2(self, a, b):  # the same 256 random directions for every sampler
         return sliced_wasserstein(a, b, n_projections=256, generator=torch.Generator().manual_seed(self.seed + 3))
 
+    def modes(self, x) -> dict:
+        """Mode-aware errors against the exact mixture (no true samples needed): `modes`, the total variation
+        between the fraction of samples each component claims and its weight; `mode_fd`, the weight-averaged
+        Fréchet distance of each component's samples to that component's exact mean and covariance."""
+        gmm, k = self.gmm, self.gmm.assign(x)
+        counts = torch.bincount(k, minlength=len(gmm.weights)).double()
+        tv = 0.5 * float((counts / len(x) - gmm.weights).abs().sum())
+        fd = 0.0
+        for j, w in enumerate(gmm.weights.tolist()):
+            mine = x[k == j].double()
+            if len(mine) < 2:  # a mode the sampler missed altogether
+                return {"modes": tv, "mode_fd": math.inf}
+            fd += w * frechet_distance(mine.mean(0).numpy(), torch.cov(mine.T).reshape(gmm.dim, gmm.dim).numpy(),
+                                       gmm.means[j].numpy(), gmm.covs[j].numpy())
+        return {"modes": tv, "mode_fd": fd}
+
     def score(self, x, det):
         x = x.double()
         if not bool(torch.isfinite(x).all()):  # a sampler that diverged scores infinity everywhere
-            return {"rms": math.inf if det else None, "sw2": math.inf, "fd": math.inf, "off": None}
+            return {"rms": math.inf if det else None, "sw2": math.inf, "fd": math.inf, "off": None,
+                    "modes": math.inf, "mode_fd": math.inf}
         each = (x - self.reference).pow(2).mean(1).sqrt()  # per sample, per coordinate
         return {"rms": float(each.pow(2).mean().sqrt()) if det else None,
                 "off": int((each > OFF).sum()) if det else None,
-                "sw2": self.sliced_w2(x, self.truth), "fd": frechet(x, self.truth)}
+                "sw2": self.sliced_w2(x, self.truth), "fd": frechet(x, self.truth), **self.modes(x)}
 
 
 def evaluate(oracle: Oracle, draw: Draw, jobs, tag: str) -> list[dict]:
@@ -321,7 +345,7 @@ def finalists(rows, configs, nfe: int, top: int = 3) -> list[Config]:
     """Per library, the `top` configurations by each metric at this NFE on the selection draw, and deepgm's default."""
     chosen = {"/".join(DEFAULT)}
     for library in dict.fromkeys(c.library for c in configs):
-        for metric in ("rms", "sw2", "fd"):
+        for metric in METRICS:
             pool = [r for r in rows if r["library"] == library and r["target"] == nfe and r[metric] is not None
                     and r["nfe"] is not None and r["nfe"] <= nfe]
             chosen.update(r["label"] for r in sorted(pool, key=lambda r: r[metric])[:top])
@@ -386,7 +410,7 @@ def report(result: dict, nfes, libraries) -> str:
                            for steps, c in sorted(calibrated))
         lines += [f"deepgm's default ({'/'.join(DEFAULT)}): the grid each NFE chose, and its one-off pilot cost "
                   f"(batched evaluations x pilot batch): {chosen}", ""]
-    for metric in ("rms", "sw2", "fd"):
+    for metric in METRICS:
         note = (f" (deterministic samplers, to the converged ODE solution; 'off': samples more than {OFF} per "
                 "coordinate from theirs, i.e. sent to another mode, which dominate the rms where there are any)"
                 if metric == "rms" else "")
@@ -461,7 +485,7 @@ def plot(results, nfes, libraries, out: pathlib.Path) -> pathlib.Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = ("rms", "sw2", "fd")
+    metrics = METRICS
     fig, axes = plt.subplots(len(metrics), len(results), figsize=(5.2 * len(results), 3.4 * len(metrics)),
                              squeeze=False)
     for col, result in enumerate(results):

@@ -69,3 +69,13 @@ def test_datasets_have_fixed_splits_and_levels():
         load_dataset("cifar100")
     with pytest.raises(ValueError, match="bad options"):
         load_dataset("digits", "train", colour=True)
+
+
+def test_assign_finds_the_component_a_sample_came_from():
+    gmm = make_mixture("mixture", dim=16, n_modes=5, seed=1)
+    assert gmm.assign(gmm.means).tolist() == list(range(5))
+    # points drawn from one component, by hand: its index comes back for nearly all of them
+    k = 3
+    z = torch.randn(400, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x = gmm.means[k] + z @ torch.linalg.cholesky(gmm.covs[k]).T
+    assert (gmm.assign(x) == k).double().mean() > 0.95

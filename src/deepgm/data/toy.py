@@ -55,6 +55,10 @@ class GaussianMixture:
         logp = -0.5 * (maha + logdet + self.dim * math.log(2 * math.pi)) + torch.log(self.weights)
         return logp, sol
 
+    def assign(self, x: torch.Tensor) -> torch.Tensor:
+        """The most probable component of each point, (N,) long: which mode a sample landed in."""
+        return self._component_terms(x, 1.0, 0.0)[0].argmax(dim=1)
+
     def log_prob(self, x: torch.Tensor, alpha: float = 1.0, sigma: float = 0.0) -> torch.Tensor:
         """Exact log density of x under p_t = law of alpha x0 + sigma eps, (N,), float64."""
         logp, _ = self._component_terms(x, alpha, sigma)
