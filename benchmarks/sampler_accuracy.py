@@ -516,7 +516,7 @@ def plot(results, nfes, libraries, out: pathlib.Path) -> pathlib.Path:
                 ax.legend(fontsize=7)
     fig.suptitle("Error vs NFE on the exact mixture denoiser (DDPM linear schedule, same noise for all; "
                  "held-out draw)", fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.98))  # room for the suptitle
     path = out / "sampler_accuracy.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
