@@ -9,21 +9,17 @@ import deepgm
 from deepgm.data import make_mixture
 from deepgm.diffusion.calibration import _equidistributed, calibrate
 from deepgm.diffusion.denoiser import Denoiser
-from deepgm.diffusion.grids import CALIBRATED, make_grid, smallest_time, trig
+from deepgm.diffusion.grids import CALIBRATED, make_grid, scaled_noise, smallest_time, trig
 from deepgm.diffusion.schedules import DiscreteVP
 
 
 def oracle(gmm, schedule):
-    def posterior_mean(x, t):
-        alpha, sigma = schedule.alpha_sigma(t[0])
-        return gmm.posterior_mean(x, float(alpha), float(sigma)).to(x.dtype)
-
-    return Denoiser.from_fn(posterior_mean, schedule, parameterization="x0")
+    """The exact E[x0 | x_t] of the mixture as a denoiser."""
+    return gmm.denoiser(schedule)
 
 
 def theta_ends(schedule):
-    s = torch.exp(-schedule.log_snr(torch.tensor([1.0, smallest_time(schedule)], dtype=torch.float64)) / 2)
-    return math.atan(float(s[0])), math.atan(float(s[1]))
+    return torch.atan(scaled_noise(schedule, [1.0, smallest_time(schedule)])).tolist()
 
 
 def test_constant_curvature_gives_the_grid_uniform_in_theta():
@@ -42,7 +38,7 @@ def test_steps_go_where_the_denoiser_output_bends():
     bump = (theta > 0.5) & (theta < 0.7)  # all the curvature in 0.2 of the ~1.56 theta range
     times = _equidistributed(schedule, list(zip(theta.tolist(), bump.double().add(1e-6).tolist(), strict=True)),
                              top, end, 12, 0.5)
-    s = torch.exp(-schedule.log_snr(times[:-1]) / 2)
+    s = scaled_noise(schedule, times[:-1])
     inside = ((torch.atan(s) > 0.5) & (torch.atan(s) < 0.7)).sum()
     assert int(inside) >= 8  # uniform in theta would put 1 or 2 of the 12 there
 

@@ -26,12 +26,7 @@ SCHEDULES = {"linear": lambda: DiscreteVP.linear(T=1000), "cosine": lambda: Disc
 
 def oracle(gmm, schedule):
     """The exact E[x0 | x_t] of the mixture as a denoiser."""
-
-    def posterior_mean(x, t):
-        alpha, sigma = schedule.alpha_sigma(t[0])
-        return gmm.posterior_mean(x, float(alpha), float(sigma)).to(x.dtype)
-
-    return Denoiser.from_fn(posterior_mean, schedule, parameterization="x0")
+    return gmm.denoiser(schedule)
 
 
 def nfe_of(sampler: str, steps: int) -> int:

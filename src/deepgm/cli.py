@@ -52,7 +52,11 @@ def _sample(args) -> None:
     options = {"eta": args.eta} if args.eta is not None else {}
     if args.grid is not None:
         options["grid"] = args.grid
-    path = sample_run(args.run, args.sampler, args.steps, args.n, args.seed, args.out, args.weights, **options)
+    path, result = sample_run(args.run, args.sampler, args.steps, args.n, args.seed, args.out, args.weights,
+                              **options)
+    if result.calibration is not None:
+        c = result.calibration
+        print(f"calibrated grid: {c.chosen} (pilot: {c.pilot_nfe} evaluations of {c.pilot} samples)")
     print(f"wrote {path} and {path.with_suffix('.npz')}")
 
 
@@ -107,7 +111,7 @@ def _demo(args) -> None:
     print(f"[1/3] training a U-Net DDPM on scikit-learn digits ({config['train']['steps']} steps) ...")
     train_run(config, run_dir)
     print(f"[2/3] sampling 64 digits with DDIM ({config['sample']['steps']} steps) ...")
-    grid = sample_run(run_dir, progress=False)
+    grid, _ = sample_run(run_dir, progress=False)
     print("[3/3] evaluating: FID, precision/recall, test bits/dim ...")
     m = evaluate_run(run_dir, progress=False)
     print(f"\ndone in {time.time() - start:.0f} s. Results in {run_dir}/:")

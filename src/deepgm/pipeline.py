@@ -140,8 +140,10 @@ def load_run(run_dir: str | Path, weights: str = "ema", device: str = "cpu") -> 
 
 
 def sample_run(run_dir: str | Path, sampler: str | None = None, steps: int | None = None, n: int = 64, seed: int = 0,
-               out: str | Path | None = None, weights: str = "ema", progress: bool = True, **options) -> Path:
-    """Write a sample grid (PNG) and the raw samples (.npz) of a trained run; returns the PNG path."""
+               out: str | Path | None = None, weights: str = "ema", progress: bool = True,
+               **options) -> tuple[Path, SampleOutput]:
+    """Write a sample grid (PNG) and the raw samples (.npz, with the grid's times) of a trained run; returns the
+    PNG path and the samples."""
     run = load_run(run_dir, weights)
     grid = run.config["sample"]
     sampler = sampler or grid["sampler"]
@@ -152,13 +154,10 @@ def sample_run(run_dir: str | Path, sampler: str | None = None, steps: int | Non
     stem = Path(out) if out else Path(run_dir) / "samples" / f"{how}-seed{seed}"
     stem.parent.mkdir(parents=True, exist_ok=True)
     arrays = {"x": result.x.cpu().numpy(), "nfe": np.array(result.nfe), "times": result.times.cpu().numpy()}
-    if result.calibration is not None:
-        c = result.calibration
-        print(f"calibrated grid: {c.chosen} (pilot: {c.pilot_nfe} evaluations of {c.pilot} samples)")
     if labels is not None:
         arrays["y"] = labels.cpu().numpy()
     np.savez(stem.with_suffix(".npz"), **arrays)
-    return save_samples_picture(result.x.cpu(), run.data, stem.with_suffix(".png"))
+    return save_samples_picture(result.x.cpu(), run.data, stem.with_suffix(".png")), result
 
 
 def process_pictures(run: Run, run_dir: Path, seed: int = 0) -> list[Path]:

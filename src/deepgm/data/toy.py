@@ -55,6 +55,16 @@ class GaussianMixture:
         logp = -0.5 * (maha + logdet + self.dim * math.log(2 * math.pi)) + torch.log(self.weights)
         return logp, sol
 
+    def denoiser(self, schedule):
+        """The exact E[x0 | x_t] under `schedule` as a deepgm Denoiser: the oracle every sampler can run on."""
+        from deepgm.diffusion.denoiser import Denoiser  # data does not depend on diffusion otherwise
+
+        def posterior_mean(x, t):
+            alpha, sigma = schedule.alpha_sigma(t[0])
+            return self.posterior_mean(x, float(alpha), float(sigma)).to(x.dtype)
+
+        return Denoiser.from_fn(posterior_mean, schedule, parameterization="x0")
+
     def assign(self, x: torch.Tensor) -> torch.Tensor:
         """The most probable component of each point, (N,) long: which mode a sample landed in."""
         return self._component_terms(x, 1.0, 0.0)[0].argmax(dim=1)

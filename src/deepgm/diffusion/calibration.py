@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from deepgm.diffusion.grids import from_scaled_noise, smallest_time, trig
+from deepgm.diffusion.denoiser import from_x0_eps
+from deepgm.diffusion.grids import from_scaled_noise, scaled_noise, smallest_time, trig
 
 CANDIDATE_SCALES = (0.5, 1.0, 2.0)  # trig grids that the equidistributed grid must beat on the pilot batch
 DENSITY_POWERS, DENSITY_FLOOR = (0.5, 0.7), 0.05
@@ -65,11 +66,10 @@ class _Recorder(torch.nn.Module):
         self.nfe += 1
         if not self.recording:
             return pred
-        alpha, sigma = (float(v) for v in self.schedule.alpha_sigma(torch.tensor(float(t), dtype=torch.float64)))
-        s = sigma / alpha
-        nu = math.sqrt(s * s + 1.0)  # TrigFlow variables with sigma_data = 1, as in trig-abm's default
-        f = (pred.x0.double() - x.double() / (alpha * nu * nu)) * (nu / s)
-        self.points = (self.points + [(math.atan(s), f)])[-3:]
+        alpha, sigma = self.schedule.alpha_sigma(torch.tensor(float(t), dtype=torch.float64))
+        # F: the EDM-preconditioned output with sigma_data = 1, the variable trig-abm integrates by default
+        f = from_x0_eps(pred.x0.double(), pred.eps.double(), alpha, sigma, "edm", sigma_data=1.0)
+        self.points = (self.points + [(math.atan(float(sigma / alpha)), f)])[-3:]
         if len(self.points) == 3:
             (a, fa), (b, fb), (c, fc) = self.points
             second = 2 * ((fa - fb) / (a - b) - (fb - fc) / (b - c)) / (a - c)
@@ -118,7 +118,7 @@ def calibrate(denoiser, sampler: str, steps: int, shape: tuple[int, ...], pilot:
     recorder = _Recorder(denoiser)
     fine = trig(schedule, fine_steps)
     solution = SAMPLERS["trig-abm"](recorder, fine.to(z.device), z, cond=cond, order=3)
-    theta_top, theta_end = (math.atan(float(s)) for s in _scaled(schedule, [1.0, smallest_time(schedule)]))
+    theta_top, theta_end = torch.atan(scaled_noise(schedule, [1.0, smallest_time(schedule)])).tolist()
     recorder.recording = False
     grids = {f"equidistributed({power:g})": _equidistributed(schedule, recorder.curvature, theta_top, theta_end,
                                                              steps, power) for power in DENSITY_POWERS}
@@ -135,7 +135,3 @@ def calibrate(denoiser, sampler: str, steps: int, shape: tuple[int, ...], pilot:
     chosen = min(errors, key=errors.get)
     return Calibration(choices[chosen][0], chosen, errors, recorder.nfe, pilot, choices[chosen][1])
 
-
-def _scaled(schedule, times: list[float]) -> torch.Tensor:
-    """s = sigma/alpha at the given times."""
-    return torch.exp(-schedule.log_snr(torch.tensor(times, dtype=torch.float64)) / 2)

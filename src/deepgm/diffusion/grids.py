@@ -25,6 +25,11 @@ def smallest_time(schedule: Schedule) -> float:
     return 1.0 / schedule.T if schedule.T is not None else DEFAULT_T_MIN
 
 
+def scaled_noise(schedule: Schedule, times) -> torch.Tensor:
+    """s = sigma/alpha = exp(-lambda/2) at the given times, float64: the noise level of x_t / alpha = x0 + s eps."""
+    return torch.exp(-schedule.log_snr(torch.as_tensor(times, dtype=torch.float64)) / 2)
+
+
 def _finish(schedule: Schedule, positive: torch.Tensor) -> torch.Tensor:
     """Append t = 0; times of a discrete schedule that land within 1e-9 of a timestep snap onto it."""
     if schedule.T is not None:
@@ -72,7 +77,7 @@ def karras(schedule: Schedule, steps: int, rho: float = 7.0, t_min: float | None
     if rho <= 0:
         raise ValueError(f"rho must be positive, got {rho}")
     ends = torch.tensor([1.0, smallest_time(schedule) if t_min is None else t_min], dtype=torch.float64)
-    s_max, s_min = torch.exp(-schedule.log_snr(ends) / 2).tolist()  # s = sigma/alpha = exp(-lambda/2)
+    s_max, s_min = scaled_noise(schedule, ends).tolist()
     ramp = torch.linspace(0.0, 1.0, steps, dtype=torch.float64)
     s = (s_max ** (1 / rho) + ramp * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
     return from_scaled_noise(schedule, s, t_min)
@@ -85,7 +90,7 @@ def trig(schedule: Schedule, steps: int, scale: float = 1.0, t_min: float | None
     if scale <= 0:
         raise ValueError(f"scale must be positive, got {scale}")
     ends = torch.tensor([1.0, smallest_time(schedule) if t_min is None else t_min], dtype=torch.float64)
-    theta = torch.atan(torch.exp(-schedule.log_snr(ends) / 2) / scale).tolist()
+    theta = torch.atan(scaled_noise(schedule, ends) / scale).tolist()
     s = scale * torch.tan(torch.linspace(theta[0], theta[1], steps, dtype=torch.float64))
     return from_scaled_noise(schedule, s, t_min)
 
