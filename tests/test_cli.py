@@ -54,6 +54,14 @@ def test_sample_with_the_default_sampler_calibrates_its_grid(digits_run, tmp_pat
     assert np.isfinite(arrays["x"]).all()
 
 
+def test_a_calibrated_grid_for_a_stochastic_sampler_is_refused_and_writes_nothing(digits_run, tmp_path, capsys):
+    out = tmp_path / "bad"
+    args = ["sample", str(digits_run), "--sampler", "ddpm", "--grid", "calibrated", "--steps", "4", "--out", str(out)]
+    assert main(args) == 2
+    assert "ODE samplers" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
 def test_eval_reports_fid_with_floor_and_bits_per_dim(digits_run, capsys):
     assert main(["eval", str(digits_run)]) == 0
     metrics = json.loads((digits_run / "eval.json").read_text())
