@@ -79,3 +79,36 @@ def test_assign_finds_the_component_a_sample_came_from():
     z = torch.randn(400, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     x = gmm.means[k] + z @ torch.linalg.cholesky(gmm.covs[k]).T
     assert (gmm.assign(x) == k).double().mean() > 0.95
+
+
+def test_moments_of_a_symmetric_pair_are_known_in_closed_form():
+    # 1/2 N(m, S) + 1/2 N(-m, S): mean 0, covariance S + m m^T
+    m = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    s = torch.tensor([[1.0, 0.3, 0.0], [0.3, 2.0, 0.1], [0.0, 0.1, 0.5]], dtype=torch.float64)
+    gmm = GaussianMixture(torch.tensor([0.5, 0.5]), torch.stack([m, -m]), torch.stack([s, s]))
+    mean, cov = gmm.moments()
+    assert torch.allclose(mean, torch.zeros(3, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(cov, s + torch.outer(m, m), atol=1e-12)
+    # and an asymmetric mixture against its own samples
+    gmm = make_mixture("mixture", dim=4, n_modes=3, seed=2)
+    x = gmm.sample(400_000, generator=torch.Generator().manual_seed(0)).double()
+    mean, cov = gmm.moments()
+    assert torch.allclose(mean, x.mean(0), atol=0.02)
+    assert torch.allclose(cov, torch.cov(x.T), atol=0.05)
+
+
+def test_projected_quantiles_invert_the_mixture_cdf():
+    gmm = make_mixture("mixture", dim=6, n_modes=4, seed=3)
+    u = torch.randn(5, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    u = u / u.norm(dim=1, keepdim=True)
+    q = torch.tensor([1e-4, 0.1, 0.5, 0.9, 1 - 1e-4], dtype=torch.float64)
+    y = gmm.projected_quantiles(u, q)
+    std = torch.einsum("pi,kij,pj->pk", u, gmm.covs, u).sqrt()
+    cdf = torch.distributions.Normal(u @ gmm.means.T, std).cdf(y.T[:, :, None]) @ gmm.weights  # (Q, P)
+    assert torch.allclose(cdf, q[:, None].expand(-1, 5), atol=1e-10)
+    # one Gaussian: mean + std * Phi^-1(q) exactly
+    one = GaussianMixture(torch.tensor([1.0]), gmm.means[:1], gmm.covs[:1])
+    want = (u @ gmm.means[0])[:, None] + std[:, :1] * torch.distributions.Normal(0.0, 1.0).icdf(q)
+    assert torch.allclose(one.projected_quantiles(u, q), want, atol=1e-9)
+    with pytest.raises(ValueError, match="strictly inside"):
+        gmm.projected_quantiles(u, torch.tensor([0.0, 0.5]))

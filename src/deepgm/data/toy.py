@@ -65,6 +65,44 @@ class GaussianMixture:
 
         return Denoiser.from_fn(posterior_mean, schedule, parameterization="x0")
 
+    def moments(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mixture's exact mean (D,) and covariance (D, D): sum pi_k (S_k + mu_k mu_k^T) - mean mean^T."""
+        mean = self.weights @ self.means
+        second = torch.einsum("k,kij->ij", self.weights, self.covs + self.means[:, :, None] * self.means[:, None, :])
+        return mean, second - torch.outer(mean, mean)
+
+    def projected_quantiles(self, directions: torch.Tensor, q: torch.Tensor, newton_steps: int = 3) -> torch.Tensor:
+        """Quantiles (P, Q) of the 1-D mixtures u^T x0 for unit rows u of `directions` (P, D) at levels q in (0, 1).
+
+        Each projection is sum_k pi_k N(u^T mu_k, u^T S_k u). Its CDF, tabulated on 4096 points, is inverted by
+        interpolation, then Newton steps on the exact CDF (its derivative, the density, is positive) polish that.
+        """
+        u = torch.as_tensor(directions, dtype=torch.float64)
+        q = torch.as_tensor(q, dtype=torch.float64)
+        if u.ndim != 2 or u.shape[1] != self.dim or q.ndim != 1 or not bool(((q > 0) & (q < 1)).all()):
+            raise ValueError(f"need directions (P, {self.dim}) and levels (Q,) strictly inside (0, 1)")
+        chunk = max(1, 2**24 // (len(q) * len(self.weights)))  # bounds the (P, Q, K) temporaries to ~128 MB each
+        if len(u) > chunk:
+            return torch.cat([self.projected_quantiles(part, q, newton_steps) for part in u.split(chunk)])
+        mean = (u @ self.means.T)[:, None, :]  # (P, 1, K)
+        std = torch.einsum("pi,kij,pj->pk", u, self.covs, u).sqrt()[:, None, :]
+
+        def cdf(y):  # (P, N) -> (P, N)
+            return torch.special.ndtr((y[:, :, None] - mean) / std) @ self.weights
+
+        lo, hi = (mean - 12 * std).amin((1, 2)), (mean + 12 * std).amax((1, 2))
+        grid = lo[:, None] + (hi - lo)[:, None] * torch.linspace(0, 1, 4096, dtype=torch.float64)
+        table = cdf(grid)
+        idx = torch.searchsorted(table, q[None].expand(len(u), -1).contiguous()).clamp(1, grid.shape[1] - 1)
+        c0, c1 = table.gather(1, idx - 1), table.gather(1, idx)
+        g0, g1 = grid.gather(1, idx - 1), grid.gather(1, idx)
+        y = g0 + (g1 - g0) * ((q - c0) / (c1 - c0).clamp_min(1e-300)).clamp(0, 1)
+        for _ in range(newton_steps):
+            density = (torch.exp(-0.5 * ((y[:, :, None] - mean) / std) ** 2) / (std * math.sqrt(2 * math.pi))
+                       ) @ self.weights
+            y = (y - (cdf(y) - q) / density.clamp_min(1e-300)).clamp(g0, g1)
+        return y
+
     def assign(self, x: torch.Tensor) -> torch.Tensor:
         """The most probable component of each point, (N,) long: which mode a sample landed in."""
         return self._component_terms(x, 1.0, 0.0)[0].argmax(dim=1)
