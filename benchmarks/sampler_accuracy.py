@@ -67,12 +67,13 @@ from deepgm.diffusion.grids import CALIBRATED, available_grids, make_grid
 from deepgm.diffusion.samplers import DEFAULT_GRIDS, DEFAULT_SAMPLER, ODE_SAMPLERS
 from deepgm.diffusion.schedules import DiscreteVP
 from deepgm.eval.metrics import fid as frechet
-from deepgm.eval.metrics import frechet_distance
+from deepgm.eval.metrics import frechet_distance, gaussian_fit
 
 NFES = (4, 6, 8, 10, 15, 20, 50)
 GOAL_NFES = (6, 10, 20)
 METRICS = ("rms", "sw2", "fd", "sw2_exact", "fd_exact", "modes", "mode_fd")
-GOAL_METRICS = ("rms", "sw2", "fd", "sw2_exact", "fd_exact")  # the goal's metrics, and their exact-reference twins
+DISTRIBUTION_METRICS = ("sw2", "fd", "sw2_exact", "fd_exact")  # the goal's two, and their exact-reference twins
+GOAL_METRICS = ("rms", *DISTRIBUTION_METRICS)
 REPLICATES = 3  # independent held-out draws: the summary reports their mean, the goal a t-interval over them
 DEFAULT = (DEFAULT_SAMPLER, DEFAULT_GRIDS[DEFAULT_SAMPLER])  # what deepgm.sample uses when told nothing
 OFF = 0.5  # a sample this far (rms per coordinate) from its ODE solution went to another mode: neighbouring
@@ -295,17 +296,13 @@ class Draw:
         # the exact mixture instead of true samples: the same quantity without the true samples' noise
         self.quantiles = gmm.projected_quantiles(self.theta, (torch.arange(n, dtype=torch.float64) + 0.5) / n)
         self.moments = [m.numpy() for m in gmm.moments()]
-        self.floor = {"sw2": self.value("sw2", other), "fd": frechet(self.truth, other),
-                      "sw2_exact": self.value("sw2_exact", other), "fd_exact": self.value("fd_exact", other),
-                      **self.modes(other)}
+        self.floor = {**{m: self.value(m, other) for m in DISTRIBUTION_METRICS}, **self.modes(other)}
 
     def projected(self, x):  # (256, n), sorted along each direction; in parts, for large n
         return torch.cat([torch.sort(part @ x.T, dim=1).values for part in self.theta.split(32)])
 
     def value(self, metric: str, x) -> float:
-        """One of the goal metrics of samples x."""
-        if metric == "rms":
-            return float((x - self.reference).pow(2).mean().sqrt())
+        """One of the distribution metrics of samples x."""
         if metric == "sw2":
             return float((self.projected(x) - self.truth_projected).pow(2).mean().sqrt())
         if metric == "fd":
@@ -313,8 +310,7 @@ class Draw:
         if metric == "sw2_exact":
             return float((self.projected(x) - self.quantiles).pow(2).mean().sqrt())
         if metric == "fd_exact":
-            return frechet_distance(x.mean(0).numpy(), torch.cov(x.T).reshape(x.shape[1], -1).numpy(),
-                                    *self.moments)
+            return frechet_distance(*gaussian_fit(x), *self.moments)
         raise ValueError(f"unknown metric {metric!r}")
 
     def modes(self, x) -> dict:
@@ -329,8 +325,7 @@ class Draw:
             mine = x[k == j].double()
             if len(mine) < 2:  # a mode the sampler missed altogether
                 return {"modes": tv, "mode_fd": math.inf}
-            fd += w * frechet_distance(mine.mean(0).numpy(), torch.cov(mine.T).reshape(gmm.dim, gmm.dim).numpy(),
-                                       gmm.means[j].numpy(), gmm.covs[j].numpy())
+            fd += w * frechet_distance(*gaussian_fit(mine), gmm.means[j].numpy(), gmm.covs[j].numpy())
         return {"modes": tv, "mode_fd": fd}
 
     def score(self, x, det):
@@ -339,9 +334,9 @@ class Draw:
             return {"rms": math.inf if det else None, "off": None,
                     **{m: math.inf for m in METRICS if m != "rms"}}
         det = det and self.reference is not None
-        each = (x - self.reference).pow(2).mean(1).sqrt() if det else None  # per sample, per coordinate
-        return {"rms": self.value("rms", x) if det else None, "off": int((each > OFF).sum()) if det else None,
-                **{m: self.value(m, x) for m in GOAL_METRICS if m != "rms"}, **self.modes(x)}
+        each = (x - self.reference).pow(2).mean(1) if det else None  # per sample, mean over coordinates
+        return {"rms": float(each.mean().sqrt()) if det else None, "off": int((each > OFF**2).sum()) if det else None,
+                **{m: self.value(m, x) for m in DISTRIBUTION_METRICS}, **self.modes(x)}
 
 
 def evaluate(oracle: Oracle, draw: Draw, jobs, tag: str) -> list[dict]:
@@ -412,7 +407,7 @@ def benchmark(name: str, gmm, n: int, n_eval: int, n_large: int, nfes, schedule,
     rows += mean_rows(rows, held_out)
     draws["large"] = Draw(oracle, n_large, seed + 1000, reference=False)
     for nfe in GOAL_NFES:
-        final = finalists(rows, configs, nfe, top=1, metrics=GOAL_METRICS[1:], draw="held-out")
+        final = finalists(rows, configs, nfe, top=1, metrics=DISTRIBUTION_METRICS, draw="held-out")
         rows += evaluate(oracle, draws["large"], [(c, nfe) for c in final], "large")
         print(f"[{name}] NFE {nfe}: {len(final)} configurations on the draw of {n_large} ({time.time() - start:.0f} s)",
               flush=True)
@@ -449,14 +444,10 @@ def goal_intervals(rows, held_out) -> list[dict]:
     does not account for."""
     from scipy.stats import t as student
 
-    libraries = list(dict.fromkeys(r["library"] for r in rows))
     out = []
     for nfe in GOAL_NFES:
         for metric in GOAL_METRICS:
-            ours = best(rows, "deepgm", nfe, metric)
-            default = best(rows, "deepgm", nfe, metric, label="/".join(DEFAULT))
-            peer = min((b for b in (best(rows, lib, nfe, metric) for lib in libraries[1:]) if b),
-                       key=lambda r: r[metric], default=None)
+            ours, default, peer = contenders(rows, nfe, metric)
             for kind, a, b in (("best deepgm / best peer", ours, peer), ("default / best deepgm", default, ours)):
                 if not (a and b and math.isfinite(a[metric]) and math.isfinite(b[metric])):
                     continue
@@ -471,25 +462,29 @@ def goal_intervals(rows, held_out) -> list[dict]:
                 out.append(dict(nfe=nfe, metric=metric, comparison=kind, a=f"{a['library']} {a['label']}",
                                 b=f"{b['library']} {b['label']}", ratio=math.exp(mean), lo=math.exp(mean - half),
                                 hi=math.exp(mean + half), per_draw=[math.exp(v) for v in logs],
-                                **large_ratio(rows, nfe, metric, kind, libraries)))
+                                **large_ratio(rows, nfe, metric, kind)))
     return out
 
 
-def large_ratio(rows, nfe, metric, kind, libraries) -> dict:
+def large_ratio(rows, nfe, metric, kind) -> dict:
     """The same comparison on the large draw (distribution metrics only), the bests chosen there."""
     if metric == "rms" or not any(r["draw"] == "large" for r in rows):
         return {}
-    ours = best(rows, "deepgm", nfe, metric, draw="large")
-    if kind.startswith("default"):
-        a, b = best(rows, "deepgm", nfe, metric, label="/".join(DEFAULT), draw="large"), ours
-    else:
-        a = ours
-        b = min((x for x in (best(rows, lib, nfe, metric, draw="large") for lib in libraries[1:]) if x),
-                key=lambda r: r[metric], default=None)
+    ours, default, peer = contenders(rows, nfe, metric, draw="large")
+    a, b = (default, ours) if kind.startswith("default") else (ours, peer)
     if not (a and b):
         return {}
     return dict(large=a[metric] / b[metric], large_a=f"{a['library']} {a['label']}",
                 large_b=f"{b['library']} {b['label']}")
+
+
+def contenders(rows, nfe, metric, draw="held-out"):
+    """(best deepgm, deepgm's default, best peer) by `metric` at this NFE on `draw`; None where there is none."""
+    peers = [b for lib in dict.fromkeys(r["library"] for r in rows) if lib != "deepgm"
+             if (b := best(rows, lib, nfe, metric, draw=draw))]
+    return (best(rows, "deepgm", nfe, metric, draw=draw),
+            best(rows, "deepgm", nfe, metric, label="/".join(DEFAULT), draw=draw),
+            min(peers, key=lambda r: r[metric], default=None))
 
 
 def best(rows, library, target, metric, det_only=False, label=None, draw="held-out"):
@@ -552,15 +547,11 @@ def report(result: dict, nfes, libraries) -> str:
         lines.append("")
         ratio = []
         for n in GOAL_NFES:
-            ours = best(rows, "deepgm", n, metric)
+            ours, default, peer = contenders(rows, n, metric)
             ours_det = best(rows, "deepgm", n, metric, det_only=True)
-            default = best(rows, "deepgm", n, metric, label="/".join(DEFAULT))
-            peers = [b for b in (best(rows, lib, n, metric) for lib in libraries if lib != "deepgm") if b]
-            if ours and peers and default:
-                peer = min(peers, key=lambda r: r[metric])
+            if ours and peer and default:
                 det = "" if metric == "rms" else f" (deterministic: {ours_det[metric] / peer[metric]:.3f})"
-                sel = [best(rows, lib, n, metric, draw="select") for lib in libraries]
-                sel_peer = min((b for b in sel[1:] if b), key=lambda r: r[metric])
+                sel_ours, _, sel_peer = contenders(rows, n, metric, draw="select")
                 ci = {g["comparison"]: f" [{g['lo']:.3f}, {g['hi']:.3f}]" for g in result.get("goal", [])
                       if g["nfe"] == n and g["metric"] == metric}
                 ratio.append(f"NFE {n}: best deepgm / best peer = {ours[metric] / peer[metric]:.3f}"
@@ -568,7 +559,7 @@ def report(result: dict, nfes, libraries) -> str:
                              f"({ours['label']} vs {peer['library']} {peer['label']}); "
                              f"default / best deepgm = {default[metric] / ours[metric]:.3f}"
                              f"{ci.get('default / best deepgm', '')}; on the selection "
-                             f"draw: {sel[0][metric] / sel_peer[metric]:.3f} ({sel[0]['label']} vs "
+                             f"draw: {sel_ours[metric] / sel_peer[metric]:.3f} ({sel_ours['label']} vs "
                              f"{sel_peer['library']} {sel_peer['label']})")
         lines += ["- " + r for r in ratio] + [""]
     return "\n".join(lines)

@@ -41,7 +41,8 @@ def frechet_distance(mu1, cov1, mu2, cov2) -> float:
     return float(max(value, 0.0))
 
 
-def _gaussian_fit(feats: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+def gaussian_fit(feats: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and covariance (float64 numpy) of an (N, F) matrix, rows flattened: the Gaussian FID compares."""
     x = feats.detach().cpu().double().reshape(len(feats), -1).numpy()
     if len(x) < 2:
         raise ValueError(f"need at least 2 feature vectors to estimate a covariance, got {len(x)}")
@@ -50,7 +51,7 @@ def _gaussian_fit(feats: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
 
 def fid(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
     """Fréchet distance between Gaussians fitted to two (N, F) feature matrices."""
-    return frechet_distance(*_gaussian_fit(feats_a), *_gaussian_fit(feats_b))
+    return frechet_distance(*gaussian_fit(feats_a), *gaussian_fit(feats_b))
 
 
 def _knn_radii(x: torch.Tensor, k: int, batch_size: int) -> torch.Tensor:
