@@ -127,7 +127,8 @@ def deepgm_configs(seed: int = 0) -> list[Config]:
     for grid, grid_options in grids:
         grid_label = grid + "".join(f"({v:g})" for v in grid_options.values())
         for sampler, steps, det in [("ddim", one, True), ("euler", one, True), ("heun", two, True),
-                                    ("dpmpp-2m", one, True), ("dpmpp-3m", one, True), ("trig-abm", one, True),
+                                    ("dpmpp-2m", one, True), ("dpmpp-3m", one, True), ("deis", one, True),
+                                    ("trig-abm", one, True),
                                     ("ddpm", one, False), ("euler-maruyama", one, False), ("pc", two, False)]:
             if grid == CALIBRATED and sampler not in ODE_SAMPLERS:
                 continue

@@ -51,8 +51,8 @@ def test_calibrated_grid_beats_the_fixed_trig_grid_on_the_ring():
     times = cal.times
     assert times.shape == (11,) and times[0] == 1.0 and times[-1] == 0.0 and bool((times[1:] < times[:-1]).all())
     assert times[-2] == pytest.approx(smallest_time(schedule), rel=1e-12)
-    # 5 grids x orders 1 and 2 on the pilot, after the 100-step fine solve
-    assert cal.pilot_nfe == 100 + 10 * 10 and cal.chosen in cal.pilot_errors and len(cal.pilot_errors) == 10
+    # 7 grids (2 equidistributed, 3 trig, log-snr, karras) x orders 1 and 2 on the pilot, after the 100-step fine solve
+    assert cal.pilot_nfe == 100 + 14 * 10 and cal.chosen in cal.pilot_errors and len(cal.pilot_errors) == 14
     assert cal.pilot_errors[cal.chosen] == min(cal.pilot_errors.values()) and cal.options["order"] in (1, 2)
 
     x_T = torch.randn(1000, 2, generator=torch.Generator().manual_seed(5), dtype=torch.float64)  # not the pilot's

@@ -19,7 +19,7 @@ from deepgm.diffusion.samplers import DEFAULT_GRID, DEFAULT_SAMPLER, SAMPLERS, a
 from deepgm.diffusion.schedules import DiscreteVP, Schedule, make_schedule
 from deepgm.eval.metrics import sliced_wasserstein
 
-ODE_ORDERS = {"euler": 1, "heun": 2, "dpmpp-2m": 2, "dpmpp-3m": 3, "trig-abm": 3}
+ODE_ORDERS = {"euler": 1, "heun": 2, "dpmpp-2m": 2, "dpmpp-3m": 3, "deis": 3, "trig-abm": 3}
 SCHEDULES = {"linear": lambda: DiscreteVP.linear(T=1000), "cosine": lambda: DiscreteVP.cosine(T=1000),
              "vp": lambda: make_schedule("vp"), "ve": lambda: make_schedule("ve"), "edm": lambda: make_schedule("edm")}
 
@@ -190,6 +190,37 @@ def test_dpmpp_3m_integrates_a_quadratic_data_prediction_exactly():
     torch.testing.assert_close(out.trajectory[-2], x_end, rtol=0, atol=1e-7)
 
 
+def test_deis_integrates_a_quadratic_noise_prediction_exactly_and_is_ddim_at_order_1():
+    """With eps(u) = a + b u + c u^2 in u = log(sigma/alpha) (whatever x is), every 3rd-order DEIS step is exact:
+    y_s = y_t + int e^u eps(u) du in y = x/alpha. The warm-up steps (order 1 and 2) are made 1e-4 long so their
+    errors vanish. At order 1 DEIS is the DDIM step, eps held constant."""
+    schedule = DiscreteVP.linear(T=1000)
+    a, b, c = 0.3, -0.2, 0.05
+    u = torch.tensor([3.0, 3.0 - 1e-4, 3.0 - 2e-4, 2.0, 0.5, -1.0, -3.5], dtype=torch.float64)  # log rho
+    times = schedule.t_from_log_snr(-2 * u)
+    alpha, sigma = schedule.alpha_sigma(times)
+    u = torch.log(sigma / alpha)  # what the sampler sees
+
+    def eps_hat(x, t):
+        al, si = schedule.alpha_sigma(t[0].double())
+        v = torch.log(si / al)
+        return (a + b * v + c * v**2).to(x.dtype).expand_as(x)
+
+    denoiser = Denoiser.from_fn(eps_hat, schedule, parameterization="eps")
+    x_T = torch.randn(4, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    antiderivative = lambda v: torch.exp(v) * (a + b * (v - 1) + c * (v**2 - 2 * v + 2))  # of e^u eps(u)
+    y_end = x_T / alpha[0] + antiderivative(u[-1]) - antiderivative(u[0])
+    out = deepgm.sample(denoiser, x_T=x_T, times=times.tolist() + [0.0], sampler="deis", lower_order_final=False,
+                        dtype=torch.float64, return_trajectory=True)
+    torch.testing.assert_close(out.trajectory[-2], alpha[-1] * y_end, rtol=0, atol=1e-7)  # order 2: off by 0.6
+
+    ring_denoiser = oracle(make_mixture("ring"), schedule)
+    x_T = torch.randn(64, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    first = deepgm.sample(ring_denoiser, x_T=x_T, steps=7, grid="karras", sampler="deis", order=1, dtype=torch.float64)
+    ddim = deepgm.sample(ring_denoiser, x_T=x_T, steps=7, grid="karras", sampler="ddim", dtype=torch.float64)
+    torch.testing.assert_close(first.x, ddim.x, rtol=0, atol=1e-10)
+
+
 # --------------------------------------------------------------------------- the mixture: every sampler lands
 @pytest.fixture(scope="module")
 def ring():
@@ -209,6 +240,7 @@ def _floor(gmm, truth):
 CONVERGENCE = {  # sampler: (steps at low NFE, steps at high NFE, grid, options)
     "euler": (2, 100, "log-snr", {}), "heun": (2, 50, "log-snr", {}), "dpmpp-2m": (2, 100, "log-snr", {}),
     "dpmpp-3m": (2, 100, "log-snr", {}), "trig-abm": (2, 100, "trig", {}), "ddim": (2, 100, "uniform", {}),
+    "deis": (2, 100, "karras", {}),
     "rk45": (None, 2, "log-snr", {"rtol": 1e-3, "atol": 1e-3}),  # its accuracy is tested against its tolerance
     "euler-maruyama": (2, 200, "uniform", {}), "pc": (2, 100, "uniform", {}), "ddpm": (2, 200, "uniform", {}),
 }
@@ -288,7 +320,8 @@ def test_bad_sampler_options_are_value_errors(ring):
     denoiser = oracle(ring, schedule)
     cases = [("dpmpp-2m", {"eta": 1.0}, "unknown option"), ("heun", {"churn": 1.0}, "unknown option"),
              ("rk45", {"rtol": 0.0}, "rtol"), ("rk45", {}, "steps >= 2"), ("pc", {"predictor": "ode"}, "predictor"),
-             ("pc", {"snr": -1.0}, "snr"), ("trig-abm", {"order": 4}, "order"), ("heun", {"s_churn": -1.0}, "s_churn")]
+             ("pc", {"snr": -1.0}, "snr"), ("trig-abm", {"order": 4}, "order"),
+             ("deis", {"order": 0}, "order"), ("heun", {"s_churn": -1.0}, "s_churn")]
     for sampler, options, message in cases:
         with pytest.raises(ValueError, match=message):
             deepgm.sample(denoiser, shape=(4, 2), sampler=sampler, steps=1, **options)
@@ -296,7 +329,7 @@ def test_bad_sampler_options_are_value_errors(ring):
 
 def test_defaults_and_names_are_listed():
     assert DEFAULT_SAMPLER in SAMPLERS and DEFAULT_GRID in GRIDS
-    assert {"euler-maruyama", "pc", "euler", "heun", "rk45", "dpmpp-2m", "dpmpp-3m", "ddpm", "ddim",
+    assert {"euler-maruyama", "pc", "euler", "heun", "rk45", "dpmpp-2m", "dpmpp-3m", "deis", "ddpm", "ddim",
             "trig-abm"} <= set(available_samplers())
     assert {"uniform", "log-snr", "karras", "trig"} <= set(available_grids())
 
