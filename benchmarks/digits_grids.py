@@ -3,7 +3,7 @@
 benchmarks/sampler_accuracy.py measures grids on exact mixture denoisers; this checks that the calibrated grid
 (deepgm.diffusion.calibration) also helps a real network. For one trained run (EMA weights), FID in the digits
 classifier's features against the test digits, of --n samples (the same seed, so the same starting noise, for
-every row), for trig-abm on the calibrated grid and on fixed grids, and for DPM-Solver++(2M) and DDIM as
+every row), for trig-abm on the calibrated grid and on fixed grids, and for DPM-Solver++(2M), DEIS and DDIM as
 references; with each calibrated grid's choice and its one-off pilot cost.
 
 Run:  python benchmarks/digits_grids.py RUN_DIR [--n 1000] [--out benchmarks/results]
@@ -29,6 +29,8 @@ ROWS = [  # label: (sampler, grid, grid options)
     ("trig-abm / log-snr", "trig-abm", "log-snr"),
     ("dpmpp-2m / log-snr", "dpmpp-2m", "log-snr"),
     ("dpmpp-2m / calibrated", "dpmpp-2m", "calibrated"),
+    ("deis / karras", "deis", "karras"),
+    ("deis / calibrated", "deis", "calibrated"),
     ("ddim / uniform", "ddim", "uniform"),
 ]
 NFES = (6, 10, 20)

@@ -7,6 +7,7 @@ import torch
 
 import deepgm
 from deepgm.data import make_mixture
+from deepgm.data.toy import GaussianMixture
 from deepgm.diffusion.calibration import _equidistributed, calibrate
 from deepgm.diffusion.denoiser import Denoiser
 from deepgm.diffusion.grids import CALIBRATED, make_grid, scaled_noise, smallest_time, trig
@@ -51,9 +52,11 @@ def test_calibrated_grid_beats_the_fixed_trig_grid_on_the_ring():
     times = cal.times
     assert times.shape == (11,) and times[0] == 1.0 and times[-1] == 0.0 and bool((times[1:] < times[:-1]).all())
     assert times[-2] == pytest.approx(smallest_time(schedule), rel=1e-12)
-    # 7 grids (2 equidistributed, 3 trig, log-snr, karras) x orders 1 and 2 on the pilot, after the 100-step fine solve
-    assert cal.pilot_nfe == 100 + 14 * 10 and cal.chosen in cal.pilot_errors and len(cal.pilot_errors) == 14
-    assert cal.pilot_errors[cal.chosen] == min(cal.pilot_errors.values()) and cal.options["order"] in (1, 2)
+    # 5 grids (2 equidistributed, 3 trig) x orders 1, 2 x sigma_data 0.5, 1 on the pilot, after the 100-step fine
+    # solve
+    assert cal.pilot_nfe == 100 + 20 * 10 and cal.chosen in cal.pilot_errors and len(cal.pilot_errors) == 20
+    assert cal.pilot_errors[cal.chosen] == min(cal.pilot_errors.values())
+    assert cal.options["order"] in (1, 2) and cal.options["sigma_data"] in (0.5, 1.0)
 
     x_T = torch.randn(1000, 2, generator=torch.Generator().manual_seed(5), dtype=torch.float64)  # not the pilot's
     exact = deepgm.sample(denoiser, x_T=x_T, sampler="rk45", steps=2, rtol=1e-8, atol=1e-8, dtype=torch.float64).x
@@ -63,6 +66,30 @@ def test_calibrated_grid_beats_the_fixed_trig_grid_on_the_ring():
         return float((x - exact).pow(2).mean().sqrt())
 
     assert rms(times, **cal.options) < 0.6 * rms(make_grid("trig", schedule, 10))
+
+
+def test_calibration_finds_the_data_scale_at_which_trig_abm_is_exact():
+    """For data N(0, 0.5^2 I) trig-abm with sigma_data = 0.5 is exact in any number of steps (its F vanishes): the
+    pilot must pick it, and the user's own sigma_data must be kept."""
+    schedule = DiscreteVP.linear(T=1000)
+    gaussian = GaussianMixture(torch.ones(1), torch.zeros(1, 3), 0.25 * torch.eye(3)[None])
+    denoiser = oracle(gaussian, schedule)
+    cal = calibrate(denoiser, "trig-abm", 5, (3,), pilot=32, dtype=torch.float64)
+    assert cal.options["sigma_data"] == 0.5, cal.pilot_errors
+    unit = [e for label, e in cal.pilot_errors.items() if label.endswith("sigma data 1")]
+    assert cal.pilot_errors[cal.chosen] < 1e-3 * min(unit)
+    fixed = calibrate(denoiser, "trig-abm", 5, (3,), pilot=32, dtype=torch.float64, sigma_data=1.0)
+    assert "sigma_data" not in fixed.options and len(fixed.pilot_errors) == 10
+
+
+def test_the_exponential_integrators_are_calibrated_against_their_own_grids_too():
+    schedule = DiscreteVP.linear(T=1000)
+    denoiser = oracle(make_mixture("ring"), schedule)
+    for sampler in ("deis", "dpmpp-2m"):
+        cal = calibrate(denoiser, sampler, 6, (2,), pilot=32, dtype=torch.float64)
+        assert {"log-snr", "karras", "trig(1)", "equidistributed(0.5)"} <= set(cal.pilot_errors)
+        assert len(cal.pilot_errors) == 7 and cal.pilot_nfe == 100 + 7 * 6 and cal.options == {}
+        assert cal.pilot_errors[cal.chosen] == min(cal.pilot_errors.values())
 
 
 def test_sample_calibrates_once_per_denoiser_and_settings_and_counts_the_pilot_apart():

@@ -9,12 +9,12 @@ on a mode. No fixed grid serves both (benchmarks/sampler_accuracy.py), so `calib
 2. builds grids that equidistribute the local error: step density proportional to rms|F''(theta)|^p for
    p = 0.5 and 0.7 (the second derivative by divided differences, its rms over the pilot batch; a density
    floor of 5% of the mean keeps quiet stretches from getting no step at all);
-3. runs the requested sampler on the pilot batch over those grids, over the trig grids of scale 0.5, 1 and 2, and
-   over the log-snr and Karras grids (for trig-abm, at orders 1 and 2 too), and keeps whichever lands closest
-   (rms) to the fine solution; so a calibrated grid is never worse on the pilot than the grids a sampler was
-   designed on (DEIS and DPM-Solver on log-snr and Karras grids).
+3. runs the requested sampler on the pilot batch over those grids, over the trig grids of scale 0.5, 1 and 2,
+   and, except for trig-abm, over the log-snr and Karras grids that DEIS and DPM-Solver were designed on
+   (trig-abm instead with each of its SAMPLER_OPTIONS), and keeps whichever lands closest (rms) to the fine
+   solution.
 
-The pilot costs `fine_steps + 7 * steps` (trig-abm: `fine_steps + 14 * steps`) batched network evaluations on
+The pilot costs `fine_steps + 7 * steps` (trig-abm: `fine_steps + 20 * steps`) batched network evaluations on
 `pilot` samples, once per model and settings (`deepgm.sample` caches the result on the denoiser); above
 MOST_STEPS steps there is no pilot and the grid is trig. The powers were chosen on the benchmark's mixtures:
 1/3, the asymptotic optimum for a 2nd-order method, puts too few steps where the 2-D ring's modes sharpen.
@@ -27,6 +27,7 @@ luck of the draw (benchmarks/results/sampler_accuracy.md).
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 
@@ -36,9 +37,13 @@ from deepgm.diffusion.denoiser import from_x0_eps
 from deepgm.diffusion.grids import from_scaled_noise, make_grid, scaled_noise, smallest_time, trig
 
 CANDIDATE_SCALES = (0.5, 1.0, 2.0)  # trig grids that the equidistributed grid must beat on the pilot batch
-CANDIDATE_GRIDS = ("log-snr", "karras")  # and these fixed grids
+CANDIDATE_GRIDS = ("log-snr", "karras")  # and these, for the samplers designed on them
 DENSITY_POWERS, DENSITY_FLOOR = (0.5, 0.7), 0.05
-ORDERS = (1, 2)  # trig-abm's orders tried, when the caller does not fix one
+# sampler options tried with each grid, those the caller does not fix. A learned denoiser is less smooth in t than
+# an exact one, and at ~6 steps trig-abm's first-order method can win. trig-abm integrates exactly the part of the
+# flow that data N(0, sigma_data^2 I) would have; on the benchmark's 64-D mixture (modes of std 0.1-0.6 in a cloud
+# of std 1) 0.5 halves the error at NFE 6-10, on the 2-D ring 1 is better: the pilot decides
+SAMPLER_OPTIONS = {"trig-abm": {"order": (1, 2), "sigma_data": (0.5, 1.0)}}
 MOST_STEPS = 20  # above this every grid is close to converged on the benchmarks, and the pilot would cost most
 
 
@@ -102,8 +107,8 @@ def calibrate(denoiser, sampler: str, steps: int, shape: tuple[int, ...], pilot:
               fine_steps: int | None = None, seed: int = 0, cond: dict | None = None, device=None,
               dtype=torch.float32, **options) -> Calibration:
     """A grid of `steps` steps for `sampler` on this denoiser (see the module notes); shape is one sample's.
-    For trig-abm without an explicit `order`, orders 1 and 2 are candidates too, and `options` of the result
-    says which won."""
+    For trig-abm, the options of SAMPLER_OPTIONS that the caller does not give are candidates too, and `options`
+    of the result says which won."""
     from deepgm.diffusion.samplers import SAMPLERS  # the samplers module calls back into this one
 
     if pilot < 2:
@@ -126,13 +131,14 @@ def calibrate(denoiser, sampler: str, steps: int, shape: tuple[int, ...], pilot:
     grids = {f"equidistributed({power:g})": _equidistributed(schedule, recorder.curvature, theta_top, theta_end,
                                                              steps, power) for power in DENSITY_POWERS}
     grids.update({f"trig({scale:g})": trig(schedule, steps, scale=scale) for scale in CANDIDATE_SCALES})
-    grids.update({name: make_grid(name, schedule, steps) for name in CANDIDATE_GRIDS})
-    # a learned denoiser is less smooth in t than an exact one: at ~6 steps the first-order method can win
-    orders = [{"order": k} for k in ORDERS] if sampler == "trig-abm" and "order" not in options else [{}]
+    if sampler != "trig-abm":  # it was made for trig grids (on log-snr ones it blows up at NFE 6)
+        grids.update({name: make_grid(name, schedule, steps) for name in CANDIDATE_GRIDS})
+    tried = {key: values for key, values in SAMPLER_OPTIONS.get(sampler, {}).items() if key not in options}
+    variants = [dict(zip(tried, values, strict=True)) for values in itertools.product(*tried.values())]
     errors, choices = {}, {}
     for name, times in grids.items():
-        for extra in orders:
-            label = name + "".join(f", order {v}" for v in extra.values())
+        for extra in variants:
+            label = name + "".join(f", {key.replace('_', ' ')} {v:g}" for key, v in extra.items())
             x = SAMPLERS[sampler](recorder, times.to(z.device), z, generator=generator, cond=cond, **options, **extra)
             errors[label] = float((x.double() - solution.double()).pow(2).mean().sqrt())
             choices[label] = (times, extra)
