@@ -42,7 +42,8 @@ DENSITY_POWERS, DENSITY_FLOOR = (0.5, 0.7), 0.05
 # sampler options tried with each grid, those the caller does not fix. A learned denoiser is less smooth in t than
 # an exact one, and at ~6 steps trig-abm's first-order method can win. trig-abm integrates exactly the part of the
 # flow that data N(0, sigma_data^2 I) would have; on the benchmark's 64-D mixture (modes of std 0.1-0.6 in a cloud
-# of std 1) 0.5 halves the error at NFE 6-10, on the 2-D ring 1 is better: the pilot decides
+# of std 1) 0.5 takes the Frechet distance at NFE 6 from 0.35 to 0.16 and the rms from 0.143 to 0.119, on the 2-D
+# ring and a trained digits model 1 is better: the pilot decides
 SAMPLER_OPTIONS = {"trig-abm": {"order": (1, 2), "sigma_data": (0.5, 1.0)}}
 MOST_STEPS = 20  # above this every grid is close to converged on the benchmarks, and the pilot would cost most
 
