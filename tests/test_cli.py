@@ -54,6 +54,16 @@ def test_sample_with_the_default_sampler_calibrates_its_grid(digits_run, tmp_pat
     assert np.isfinite(arrays["x"]).all()
 
 
+def test_sample_with_deis_on_a_calibrated_grid(digits_run, tmp_path, capsys):
+    out = tmp_path / "d"
+    args = ["sample", str(digits_run), "--sampler", "deis", "--grid", "calibrated", "--steps", "4", "--n", "10",
+            "--out", str(out)]
+    assert main(args) == 0
+    assert "calibrated grid:" in capsys.readouterr().out
+    arrays = np.load(out.with_suffix(".npz"))
+    assert int(arrays["nfe"]) == 4 and arrays["times"].shape == (5,) and np.isfinite(arrays["x"]).all()
+
+
 def test_a_calibrated_grid_for_a_stochastic_sampler_is_refused_and_writes_nothing(digits_run, tmp_path, capsys):
     out = tmp_path / "bad"
     args = ["sample", str(digits_run), "--sampler", "ddpm", "--grid", "calibrated", "--steps", "4", "--out", str(out)]

@@ -11,7 +11,7 @@ on a mode. No fixed grid serves both (benchmarks/sampler_accuracy.py), so `calib
    floor of 5% of the mean keeps quiet stretches from getting no step at all);
 3. runs the requested sampler on the pilot batch over those grids, over the trig grids of scale 0.5, 1 and 2,
    and, except for trig-abm, over the log-snr and Karras grids that DEIS and DPM-Solver were designed on
-   (trig-abm instead with each of its SAMPLER_OPTIONS), and keeps whichever lands closest (rms) to the fine
+   (trig-abm instead with each of its option CANDIDATES), and keeps whichever lands closest (rms) to the fine
    solution.
 
 The pilot costs `fine_steps + 7 * steps` (trig-abm: `fine_steps + 20 * steps`) batched network evaluations on
@@ -37,14 +37,16 @@ from deepgm.diffusion.denoiser import from_x0_eps
 from deepgm.diffusion.grids import from_scaled_noise, make_grid, scaled_noise, smallest_time, trig
 
 CANDIDATE_SCALES = (0.5, 1.0, 2.0)  # trig grids that the equidistributed grid must beat on the pilot batch
-CANDIDATE_GRIDS = ("log-snr", "karras")  # and these, for the samplers designed on them
 DENSITY_POWERS, DENSITY_FLOOR = (0.5, 0.7), 0.05
-# sampler options tried with each grid, those the caller does not fix. A learned denoiser is less smooth in t than
-# an exact one, and at ~6 steps trig-abm's first-order method can win. trig-abm integrates exactly the part of the
-# flow that data N(0, sigma_data^2 I) would have; on the benchmark's 64-D mixture (modes of std 0.1-0.6 in a cloud
-# of std 1) 0.5 takes the Frechet distance at NFE 6 from 0.35 to 0.16 and the rms from 0.143 to 0.119, on the 2-D
-# ring and a trained digits model 1 is better: the pilot decides
-SAMPLER_OPTIONS = {"trig-abm": {"order": (1, 2), "sigma_data": (0.5, 1.0)}}
+# Per sampler, beyond those: the fixed grids tried, and the sampler options tried with each grid (those the caller
+# does not fix). DEIS and DPM-Solver were designed on log-snr and Karras grids; trig-abm on trig grids (on log-snr
+# it blows up at NFE 6). A learned denoiser is less smooth in t than an exact one, and at ~6 steps trig-abm's
+# first-order method can win. trig-abm integrates exactly the part of the flow that data N(0, sigma_data^2 I)
+# would have; on the benchmark's 64-D mixture (modes of std 0.1-0.6 in a cloud of std 1) 0.5 takes the Frechet
+# distance at NFE 6 from 0.35 to 0.16 and the rms from 0.143 to 0.119, on the 2-D ring and a trained digits model
+# 1 is better: the pilot decides.
+CANDIDATES = {"trig-abm": ((), {"order": (1, 2), "sigma_data": (0.5, 1.0)})}
+OTHER_CANDIDATES = (("log-snr", "karras"), {})
 MOST_STEPS = 20  # above this every grid is close to converged on the benchmarks, and the pilot would cost most
 
 
@@ -108,8 +110,8 @@ def calibrate(denoiser, sampler: str, steps: int, shape: tuple[int, ...], pilot:
               fine_steps: int | None = None, seed: int = 0, cond: dict | None = None, device=None,
               dtype=torch.float32, **options) -> Calibration:
     """A grid of `steps` steps for `sampler` on this denoiser (see the module notes); shape is one sample's.
-    For trig-abm, the options of SAMPLER_OPTIONS that the caller does not give are candidates too, and `options`
-    of the result says which won."""
+    For trig-abm, the options of CANDIDATES that the caller does not give are candidates too, and `options` of
+    the result says which won."""
     from deepgm.diffusion.samplers import SAMPLERS  # the samplers module calls back into this one
 
     if pilot < 2:
@@ -132,9 +134,9 @@ def calibrate(denoiser, sampler: str, steps: int, shape: tuple[int, ...], pilot:
     grids = {f"equidistributed({power:g})": _equidistributed(schedule, recorder.curvature, theta_top, theta_end,
                                                              steps, power) for power in DENSITY_POWERS}
     grids.update({f"trig({scale:g})": trig(schedule, steps, scale=scale) for scale in CANDIDATE_SCALES})
-    if sampler != "trig-abm":  # it was made for trig grids (on log-snr ones it blows up at NFE 6)
-        grids.update({name: make_grid(name, schedule, steps) for name in CANDIDATE_GRIDS})
-    tried = {key: values for key, values in SAMPLER_OPTIONS.get(sampler, {}).items() if key not in options}
+    fixed_grids, sampler_options = CANDIDATES.get(sampler, OTHER_CANDIDATES)
+    grids.update({name: make_grid(name, schedule, steps) for name in fixed_grids})
+    tried = {key: values for key, values in sampler_options.items() if key not in options}
     variants = [dict(zip(tried, values, strict=True)) for values in itertools.product(*tried.values())]
     errors, choices = {}, {}
     for name, times in grids.items():

@@ -202,6 +202,12 @@ def rk45(denoiser, times: torch.Tensor, x: torch.Tensor, generator=None, cond=No
     return x
 
 
+def _multistep_order(order: int, known: int, steps_left: int, lower_order_final: bool) -> int:
+    """How many past predictions a multistep step uses: up to `order`, ramping up as they become known, and with
+    lower_order_final no more than the steps left (Lu et al.'s choice for few steps, also diffusers')."""
+    return min(order, known, steps_left) if lower_order_final else min(order, known)
+
+
 def _dpmpp(denoiser, times: torch.Tensor, x: torch.Tensor, order: int, cond=None, callback: Callback | None = None,
            lower_order_final: bool = True) -> torch.Tensor:
     """Multistep DPM-Solver++ (Lu et al. 2022b) in the half log-SNR l = log(alpha/sigma), h = l_s - l_t.
@@ -228,7 +234,7 @@ def _dpmpp(denoiser, times: torch.Tensor, x: torch.Tensor, order: int, cond=None
             x = m[0]
         else:
             h = lam[i + 1] - lam[i]
-            k = min(order, len(m), n - i) if lower_order_final else min(order, len(m))
+            k = _multistep_order(order, len(m), n - i, lower_order_final)
             phi1 = torch.expm1(-h)
             x = expand_like(sigma[i + 1] / sigma[i], x) * x - expand_like(alpha[i + 1] * phi1, x) * m[0]
             if k >= 2:
@@ -333,6 +339,7 @@ def deis(denoiser, times: torch.Tensor, x: torch.Tensor, generator=None, cond=No
         raise ValueError(f"order must be 1, 2 or 3, got {order}")
     schedule = denoiser.schedule
     alpha, rho = _scaled(schedule, times)
+    log_rho = torch.log(rho).tolist()  # -inf at t = 0
     n = len(times) - 1
     history: list[tuple[float, torch.Tensor]] = []  # (log rho, eps), newest first
     for i in range(n):
@@ -340,10 +347,9 @@ def deis(denoiser, times: torch.Tensor, x: torch.Tensor, generator=None, cond=No
         if rho[i + 1] == 0:
             x = pred.x0
         else:
-            history = [(math.log(float(rho[i])), pred.eps)] + history[:2]
-            past = history[: min(order, len(history), n - i) if lower_order_final else min(order, len(history))]
-            weights = _interpolant_integrals([u for u, _ in past], math.log(float(rho[i])),
-                                             math.log(float(rho[i + 1])), exponential=True)
+            history = [(log_rho[i], pred.eps)] + history[:2]
+            past = history[: _multistep_order(order, len(history), n - i, lower_order_final)]
+            weights = _interpolant_integrals([u for u, _ in past], log_rho[i], log_rho[i + 1], exponential=True)
             y = x / float(alpha[i]) + sum(c * eps for c, (_, eps) in zip(weights, past, strict=True))
             x = float(alpha[i + 1]) * y
         if callback:
