@@ -3,8 +3,9 @@
 benchmarks/sampler_accuracy.py measures grids on exact mixture denoisers; this checks that the calibrated grid
 (deepgm.diffusion.calibration) also helps a real network. For one trained run (EMA weights), FID in the digits
 classifier's features against the test digits, of --n samples (the same seed, so the same starting noise, for
-every row), for trig-abm on the calibrated grid and on fixed grids, and for DPM-Solver++(2M), DEIS and DDIM as
-references; with each calibrated grid's choice and its one-off pilot cost.
+every row): the default (sampler "auto": the calibration picks trig-abm, DEIS or DPM-Solver++(2M) and the grid),
+each of those on the calibrated grid and on fixed grids, and DDIM; with each calibration's choice and its
+one-off pilot cost.
 
 Run:  python benchmarks/digits_grids.py RUN_DIR [--n 1000] [--out benchmarks/results]
 e.g.  deepgm train demo-digits --out runs/demo && python benchmarks/digits_grids.py runs/demo
@@ -24,7 +25,8 @@ from deepgm.files import write_json, write_text
 from deepgm.pipeline import draw_samples, load_data, load_run
 
 ROWS = [  # label: (sampler, grid, grid options)
-    ("trig-abm / calibrated (default)", "trig-abm", "calibrated"),
+    ("auto / calibrated (default)", "auto", "calibrated"),
+    ("trig-abm / calibrated", "trig-abm", "calibrated"),
     ("trig-abm / trig", "trig-abm", "trig"),
     ("trig-abm / log-snr", "trig-abm", "log-snr"),
     ("dpmpp-2m / log-snr", "dpmpp-2m", "log-snr"),

@@ -31,12 +31,12 @@ import sampler_accuracy as sa  # noqa: E402  (the benchmark's oracle, configurat
 
 PROBLEMS = {  # name: (the benchmark's mixture, {NFE: configurations})
     "ring": (lambda: make_mixture("ring"),
-             {6: ["trig-abm/calibrated", "LMS/default/linspace", "DEIS2/exp/linspace"],
-              10: ["trig-abm/calibrated", "trig-abm/trig(0.5)", "DEIS3/exp/linspace", "DEIS2/karras/linspace"]}),
+             {6: ["auto/calibrated", "LMS/default/linspace", "DEIS2/exp/linspace"],
+              10: ["auto/calibrated", "trig-abm/trig(0.5)", "DEIS3/exp/linspace", "DEIS2/karras/linspace"]}),
     "mixture-64": (lambda: make_mixture("mixture", dim=64, n_modes=8, seed=0),
-                   {6: ["trig-abm/calibrated", "DEIS3/exp/linspace"],
-                    10: ["trig-abm/calibrated", "DEIS3/karras/linspace"],
-                    20: ["trig-abm/calibrated", "DEIS3/karras/linspace"]}),
+                   {6: ["auto/calibrated", "DEIS3/exp/linspace"],
+                    10: ["auto/calibrated", "DEIS3/karras/linspace"],
+                    20: ["auto/calibrated", "DEIS3/karras/linspace"]}),
 }
 
 

@@ -23,8 +23,9 @@ larger held-out draws, and the summary reports the mean over those. The best of 
 is biased low, more so for the library with more configurations, and near the noise floor the ranking on one
 draw is mostly luck; fresh draws remove the first, and the goal's verdicts (best deepgm below every peer, the
 default within 10 % of best deepgm, at NFE 6, 10, 20) come with a 95% t-interval over the held-out draws, so
-that a cell decided by the draw says so ("within noise"). deepgm's default is trig-abm on a grid calibrated to
-the model (deepgm.diffusion.calibration): made once per problem and NFE on a pilot batch of its own noise (seed
+that a cell decided by the draw says so ("within noise"). deepgm's default, "auto", is the sampler (trig-abm,
+DEIS or DPM-Solver++ 2M), grid and options that a pilot solve of the model's ODE finds closest to it
+(deepgm.diffusion.calibration): made once per problem and NFE on a pilot batch of its own noise (seed
 PILOT_SEED), whose cost is reported apart from the per-sample NFE, as for any once-per-model schedule.
 
 Peers. diffusers: DDIM, DPMSolverMultistep, UniPC, DEIS, LMS, Euler, Heun, over solver orders/types,
@@ -64,7 +65,7 @@ from deepgm.data import make_mixture
 from deepgm.diffusion.calibration import calibrate
 from deepgm.diffusion.denoiser import Denoiser
 from deepgm.diffusion.grids import CALIBRATED, available_grids, make_grid
-from deepgm.diffusion.samplers import DEFAULT_GRIDS, DEFAULT_SAMPLER, ODE_SAMPLERS
+from deepgm.diffusion.samplers import AUTO, AUTO_SAMPLERS, DEFAULT_GRIDS, DEFAULT_SAMPLER, ODE_SAMPLERS
 from deepgm.diffusion.schedules import DiscreteVP
 from deepgm.eval.metrics import fid as frechet
 from deepgm.eval.metrics import frechet_distance, gaussian_fit
@@ -134,7 +135,8 @@ def deepgm_configs(seed: int = 0) -> list[Config]:
                 continue
             run = partial(run_deepgm, sampler=sampler, grid=grid, steps=steps, seed=seed, grid_options=grid_options)
             configs.append(Config("deepgm", f"{sampler}/{grid_label}", det, run))
-    return configs
+    run = partial(run_deepgm, sampler=AUTO, grid=CALIBRATED, steps=one, seed=seed)  # the pilot picks the sampler
+    return configs + [Config("deepgm", f"{AUTO}/{CALIBRATED}", True, run)]
 
 
 def run_deepgm(oracle: Oracle, z: torch.Tensor, nfe: int, sampler: str, grid: str, steps, seed: int,
@@ -142,9 +144,11 @@ def run_deepgm(oracle: Oracle, z: torch.Tensor, nfe: int, sampler: str, grid: st
     if grid == CALIBRATED:  # once per problem, sampler and steps, on pilot noise apart from both draws
         key = (sampler, steps(nfe))
         if key not in oracle.calibrations:
-            oracle.calibrations[key] = calibrate(oracle.denoiser(), sampler, steps(nfe), tuple(z.shape[1:]),
-                                                 seed=PILOT_SEED, dtype=torch.float64, **options)
-        times, options = oracle.calibrations[key].times, {**options, **oracle.calibrations[key].options}
+            oracle.calibrations[key] = calibrate(oracle.denoiser(), AUTO_SAMPLERS if sampler == AUTO else sampler,
+                                                 steps(nfe), tuple(z.shape[1:]), seed=PILOT_SEED,
+                                                 dtype=torch.float64, **options)
+        calibration = oracle.calibrations[key]
+        times, options, sampler = calibration.times, {**options, **calibration.options}, calibration.sampler
     else:
         times = make_grid(grid, oracle.schedule, steps(nfe), **(grid_options or {}))
     oracle.nfe = 0

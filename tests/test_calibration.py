@@ -11,6 +11,7 @@ from deepgm.data.toy import GaussianMixture
 from deepgm.diffusion.calibration import _equidistributed, calibrate
 from deepgm.diffusion.denoiser import Denoiser
 from deepgm.diffusion.grids import CALIBRATED, make_grid, scaled_noise, smallest_time, trig
+from deepgm.diffusion.samplers import AUTO_SAMPLERS
 from deepgm.diffusion.schedules import DiscreteVP
 
 
@@ -56,7 +57,11 @@ def test_calibrated_grid_beats_the_fixed_trig_grid_on_the_ring():
     # solve
     assert cal.pilot_nfe == 100 + 20 * 10 and cal.chosen in cal.pilot_errors and len(cal.pilot_errors) == 20
     assert cal.pilot_errors[cal.chosen] == min(cal.pilot_errors.values())
-    assert cal.options["order"] in (1, 2) and cal.options["sigma_data"] in (0.5, 1.0)
+    assert cal.options["order"] in (1, 2) and cal.options["sigma_data"] in (cal.data_scale / 2, cal.data_scale)
+    gmm = make_mixture("ring")  # the data scale is the rms of the pilot's ODE solution: the data's, up to sampling
+    exact_scale = math.sqrt(float((gmm.weights * (gmm.means.pow(2).sum(1) + gmm.covs.diagonal(dim1=1, dim2=2)
+                                                  .sum(1))).sum()) / 2)
+    assert cal.data_scale == pytest.approx(exact_scale, rel=0.05)
 
     x_T = torch.randn(1000, 2, generator=torch.Generator().manual_seed(5), dtype=torch.float64)  # not the pilot's
     exact = deepgm.sample(denoiser, x_T=x_T, sampler="rk45", steps=2, rtol=1e-8, atol=1e-8, dtype=torch.float64).x
@@ -68,18 +73,20 @@ def test_calibrated_grid_beats_the_fixed_trig_grid_on_the_ring():
     assert rms(times, **cal.options) < 0.6 * rms(make_grid("trig", schedule, 10))
 
 
-def test_calibration_finds_the_data_scale_at_which_trig_abm_is_exact():
-    """For data N(0, 0.5^2 I) trig-abm with sigma_data = 0.5 is exact in any number of steps (its F vanishes): the
-    pilot must pick it, and the user's own sigma_data must be kept."""
+def test_calibration_finds_the_data_scale_at_which_trig_abm_is_nearly_exact():
+    """For data N(0, s^2 I) trig-abm with sigma_data = s is exact in any number of steps (its F vanishes). The
+    pilot estimates s from its own ODE solution (to a few %, from 64 x 3 numbers) and must take sigma_data near it,
+    far closer to the ODE than the old fixed sigma_data = 1; the user's own sigma_data must be kept."""
     schedule = DiscreteVP.linear(T=1000)
-    gaussian = GaussianMixture(torch.ones(1), torch.zeros(1, 3), 0.25 * torch.eye(3)[None])
-    denoiser = oracle(gaussian, schedule)
-    cal = calibrate(denoiser, "trig-abm", 5, (3,), pilot=32, dtype=torch.float64)
-    assert cal.options["sigma_data"] == 0.5, cal.pilot_errors
-    unit = [e for label, e in cal.pilot_errors.items() if label.endswith("sigma data 1")]
-    assert cal.pilot_errors[cal.chosen] < 1e-3 * min(unit)
-    fixed = calibrate(denoiser, "trig-abm", 5, (3,), pilot=32, dtype=torch.float64, sigma_data=1.0)
-    assert "sigma_data" not in fixed.options and len(fixed.pilot_errors) == 10
+    for std in (0.5, 3.0):
+        gaussian = GaussianMixture(torch.ones(1), torch.zeros(1, 3), std**2 * torch.eye(3)[None])
+        denoiser = oracle(gaussian, schedule)
+        cal = calibrate(denoiser, "trig-abm", 5, (3,), pilot=64, dtype=torch.float64)
+        assert cal.data_scale == pytest.approx(std, rel=0.15)
+        assert cal.options["sigma_data"] == cal.data_scale, cal.pilot_errors
+        fixed = calibrate(denoiser, "trig-abm", 5, (3,), pilot=64, dtype=torch.float64, sigma_data=1.0)
+        assert "sigma_data" not in fixed.options and len(fixed.pilot_errors) == 10
+        assert cal.pilot_errors[cal.chosen] < 0.1 * fixed.pilot_errors[fixed.chosen]
 
 
 def test_the_exponential_integrators_are_calibrated_against_their_own_grids_too():
@@ -87,7 +94,8 @@ def test_the_exponential_integrators_are_calibrated_against_their_own_grids_too(
     denoiser = oracle(make_mixture("ring"), schedule)
     for sampler in ("deis", "dpmpp-2m"):
         cal = calibrate(denoiser, sampler, 6, (2,), pilot=32, dtype=torch.float64)
-        assert {"log-snr", "karras", "trig(1)", "equidistributed(0.5)"} <= set(cal.pilot_errors)
+        assert {f"{sampler}/{grid}" for grid in ("log-snr", "karras", "trig(1)", "equidistributed(0.5)")} <= set(
+            cal.pilot_errors)
         assert len(cal.pilot_errors) == 7 and cal.pilot_nfe == 100 + 7 * 6 and cal.options == {}
         assert cal.pilot_errors[cal.chosen] == min(cal.pilot_errors.values())
 
@@ -95,19 +103,47 @@ def test_the_exponential_integrators_are_calibrated_against_their_own_grids_too(
 def test_sample_calibrates_once_per_denoiser_and_settings_and_counts_the_pilot_apart():
     schedule = DiscreteVP.linear(T=1000)
     denoiser = oracle(make_mixture("ring"), schedule)
-    first = deepgm.sample(denoiser, shape=(16, 2), steps=6, dtype=torch.float64)  # the default: trig-abm, calibrated
+    first = deepgm.sample(denoiser, shape=(16, 2), steps=6, dtype=torch.float64)  # the default: auto, calibrated
     assert first.nfe == 6 and first.calibration is not None and first.calibration.pilot_nfe > 0
     again = deepgm.sample(denoiser, shape=(16, 2), steps=6, dtype=torch.float64)
     assert again.calibration.pilot_nfe == 0 and torch.equal(again.times, first.times)
     other = deepgm.sample(denoiser, shape=(16, 2), steps=6, sampler="dpmpp-2m", grid=CALIBRATED, dtype=torch.float64)
     assert other.calibration.pilot_nfe > 0  # a different sampler is calibrated for itself
-    fixed = deepgm.sample(denoiser, shape=(16, 2), steps=6, grid="trig", dtype=torch.float64)
+    fixed = deepgm.sample(denoiser, shape=(16, 2), steps=6, sampler="trig-abm", grid="trig", dtype=torch.float64)
     assert fixed.calibration is None
     x_T = torch.randn(16, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    by_hand = deepgm.sample(denoiser, x_T=x_T, times=first.times, **first.calibration.options).x
-    assert torch.equal(deepgm.sample(denoiser, x_T=x_T, steps=6).x, by_hand)  # the winning order is used too
+    by_hand = deepgm.sample(denoiser, x_T=x_T, sampler=first.calibration.sampler, times=first.times,
+                            **first.calibration.options).x
+    assert torch.equal(deepgm.sample(denoiser, x_T=x_T, steps=6).x, by_hand)  # the winning sampler and order
     many = deepgm.sample(denoiser, shape=(16, 2), steps=30, dtype=torch.float64)  # past MOST_STEPS: no pilot
     assert many.calibration.pilot_nfe == 0 and torch.equal(many.times, trig(schedule, 30))
+    assert many.calibration.sampler == AUTO_SAMPLERS[0]
+
+
+def test_auto_chooses_the_sampler_closest_to_the_ode_on_the_pilot():
+    """sampler='auto' tries every AUTO_SAMPLERS entry on its own candidates after one fine solve and keeps the
+    overall best: its pilot errors are exactly those of each sampler calibrated alone."""
+    schedule = DiscreteVP.linear(T=1000)
+    denoiser = oracle(make_mixture("ring"), schedule)
+    auto = calibrate(denoiser, AUTO_SAMPLERS, 6, (2,), pilot=32, dtype=torch.float64)
+    alone = {}
+    for sampler in AUTO_SAMPLERS:
+        alone.update(calibrate(denoiser, sampler, 6, (2,), pilot=32, dtype=torch.float64).pilot_errors)
+    assert auto.pilot_errors == alone and auto.pilot_nfe == 100 + (20 + 7 + 7) * 6
+    assert auto.chosen == min(alone, key=alone.get) and auto.chosen.startswith(auto.sampler + "/")
+
+
+def test_auto_picks_trig_abm_where_it_is_exact_and_dpm_solver_for_narrow_offset_data():
+    """For data N(0, 0.5^2 I), trig-abm with sigma_data near 0.5 is nearly exact, and auto must pick it. For narrow
+    data away from 0, N(2, 0.05^2 I), the data prediction DPM-Solver++ integrates is nearly constant, while trig-abm's
+    F (zero only for data centred at 0) and DEIS's eps are not: DPM-Solver++ is 3-20x closer to the ODE."""
+    schedule = DiscreteVP.linear(T=1000)
+    exact = calibrate(oracle(GaussianMixture(torch.ones(1), torch.zeros(1, 3), 0.25 * torch.eye(3)[None]),
+                             schedule), AUTO_SAMPLERS, 5, (3,), pilot=32, dtype=torch.float64)
+    assert exact.sampler == "trig-abm" and exact.options["sigma_data"] == exact.data_scale
+    narrow = GaussianMixture(torch.ones(1), 2 * torch.ones(1, 3), 0.05**2 * torch.eye(3)[None])
+    other = calibrate(oracle(narrow, schedule), AUTO_SAMPLERS, 8, (3,), pilot=32, dtype=torch.float64)
+    assert other.sampler == "dpmpp-2m", other.pilot_errors
 
 
 def test_a_model_trained_further_is_calibrated_afresh():
@@ -149,3 +185,11 @@ def test_bad_calibration_requests_are_value_errors():
         calibrate(denoiser, "trig-abm", 5, (2,), pilot=1)
     with pytest.raises(ValueError, match="fine_steps"):
         calibrate(denoiser, "trig-abm", 20, (2,), fine_steps=30)
+    with pytest.raises(ValueError, match="name the sampler"):
+        calibrate(denoiser, AUTO_SAMPLERS, 5, (2,), order=2)
+    broken = Denoiser.from_fn(lambda x, t: torch.full_like(x, math.nan), schedule, parameterization="x0")
+    with pytest.raises(ValueError, match="degenerate"):
+        calibrate(broken, "trig-abm", 5, (2,), pilot=4)
+    for bad in ({"order": 2}, {"grid": "karras"}, {"times": trig(schedule, 5)}):
+        with pytest.raises(ValueError, match="name the sampler"):
+            deepgm.sample(denoiser, shape=(4, 2), sampler="auto", steps=5, **bad)

@@ -56,7 +56,7 @@ def _sample(args) -> None:
                               **options)
     if result.calibration is not None:
         c = result.calibration
-        print(f"calibrated grid: {c.chosen} (pilot: {c.pilot_nfe} evaluations of {c.pilot} samples)")
+        print(f"calibrated: {c.chosen} (pilot: {c.pilot_nfe} evaluations of {c.pilot} samples)")
     print(f"wrote {path} and {path.with_suffix('.npz')}")
 
 
@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", choices=available_samplers(), help="default: the config's sample.sampler")
     p.add_argument("--steps", type=positive_int, help="number of sampler steps (default: the config's)")
     p.add_argument("--grid", choices=grids,
-                   help="time grid (default: uniform for ddpm/ddim, calibrated for trig-abm, else trig); see "
+                   help="time grid (default: uniform for ddpm/ddim, calibrated for trig-abm and auto, else trig); see "
                         "deepgm.diffusion.grids and deepgm.diffusion.calibration")
     p.add_argument("--n", type=positive_int, default=64, help="number of samples")
     p.add_argument("--seed", type=int, default=0)

@@ -21,7 +21,7 @@ from deepgm.diffusion.denoiser import Thresholded
 from deepgm.diffusion.grids import CALIBRATED
 from deepgm.diffusion.losses import noise_data, vlb
 from deepgm.diffusion.model import DiffusionModel
-from deepgm.diffusion.samplers import DEFAULT_GRIDS, SampleOutput, sample
+from deepgm.diffusion.samplers import AUTO, AUTO_SAMPLERS, DEFAULT_GRIDS, SampleOutput, sample
 from deepgm.files import write_json
 from deepgm.likelihood import bits_per_dim
 from deepgm.models import build_model
@@ -94,9 +94,10 @@ def train_run(config: dict, run_dir: Path, resume: bool = False, progress: bool 
 
     # previews: the weights change between them, so a calibrated grid would pay its pilot every time
     preview = {"grid": "trig"} if DEFAULT_GRIDS.get(grid["sampler"]) == CALIBRATED else {}
+    preview_sampler = AUTO_SAMPLERS[0] if grid["sampler"] == AUTO else grid["sampler"]
 
     def sample_fn(ema_model: nn.Module, step: int) -> None:
-        x, _ = draw_samples(ema_model, data, min(grid["n"], 64), grid["sampler"], grid["steps"], config["seed"],
+        x, _ = draw_samples(ema_model, data, min(grid["n"], 64), preview_sampler, grid["steps"], config["seed"],
                             clip=grid.get("clip", True), **preview)
         save_samples_picture(x.x.cpu(), data, run_dir / "samples" / f"step-{step:08d}.png")
 

@@ -12,12 +12,15 @@ on a mode. No fixed grid serves both (benchmarks/sampler_accuracy.py), so `calib
 3. runs the requested sampler on the pilot batch over those grids, over the trig grids of scale 0.5, 1 and 2,
    and, except for trig-abm, over the log-snr and Karras grids that DEIS and DPM-Solver were designed on
    (trig-abm instead with each of its option CANDIDATES), and keeps whichever lands closest (rms) to the fine
-   solution.
+   solution. Given several samplers (`deepgm.sample`'s default, sampler="auto"), it does this for each after
+   the one fine solve and keeps the overall closest: which sampler is best depends on the model too (trig-abm
+   on the benchmark's exact mixture denoisers, DEIS on trained digits networks).
 
-The pilot costs `fine_steps + 7 * steps` (trig-abm: `fine_steps + 20 * steps`) batched network evaluations on
-`pilot` samples, once per model and settings (`deepgm.sample` caches the result on the denoiser); above
-MOST_STEPS steps there is no pilot and the grid is trig. The powers were chosen on the benchmark's mixtures:
-1/3, the asymptotic optimum for a 2nd-order method, puts too few steps where the 2-D ring's modes sharpen.
+The pilot costs `fine_steps + 7 * steps` (trig-abm: `fine_steps + 20 * steps`; auto: `fine_steps + 34 * steps`)
+batched network evaluations on `pilot` samples, once per model and settings (`deepgm.sample` caches the result
+on the denoiser); above MOST_STEPS steps there is no pilot and the grid is trig. The powers were chosen on the
+benchmark's mixtures: 1/3, the asymptotic optimum for a 2nd-order method, puts too few steps where the 2-D ring's
+modes sharpen.
 The order candidates come from a trained digits network (benchmarks/digits_grids.py), which at 6 steps is
 twice as far from its ODE solution at order 2 as at order 1, unlike an exact denoiser. The pilot cannot see
 rare events: in 64-D a few samples in a thousand sit near the boundary between two modes, and a coarse grid
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -42,11 +46,14 @@ DENSITY_POWERS, DENSITY_FLOOR = (0.5, 0.7), 0.05
 # does not fix). DEIS and DPM-Solver were designed on log-snr and Karras grids; trig-abm on trig grids (on log-snr
 # it blows up at NFE 6). A learned denoiser is less smooth in t than an exact one, and at ~6 steps trig-abm's
 # first-order method can win. trig-abm integrates exactly the part of the flow that data N(0, sigma_data^2 I)
-# would have; on the benchmark's 64-D mixture (modes of std 0.1-0.6 in a cloud of std 1) 0.5 takes the Frechet
-# distance at NFE 6 from 0.35 to 0.16 and the rms from 0.143 to 0.119, on the 2-D ring and a trained digits model
-# 1 is better: the pilot decides.
+# would have, so its sigma_data candidates are multiples of the data's scale (DATA_SCALED), which the pilot
+# estimates as the rms of its fine solution; that keeps the calibration the same for data scaled by any factor.
+# On the 2-D ring (scale 1.42) sigma_data = 1, the old fixed value, pulled samples 2 % inside the ring (its Frechet
+# distance twice the ODE's); the scale itself removes that. On the benchmark's 64-D mixture (modes of std
+# 0.1-0.6 in a cloud of scale 1.06) half the scale wins: the pilot decides.
 CANDIDATES = {"trig-abm": ((), {"order": (1, 2), "sigma_data": (0.5, 1.0)})}
 OTHER_CANDIDATES = (("log-snr", "karras"), {})
+DATA_SCALED = ("sigma_data",)  # candidate values that are multiples of the pilot's data scale
 MOST_STEPS = 20  # above this every grid is close to converged on the benchmarks, and the pilot would cost most
 
 
@@ -60,6 +67,8 @@ class Calibration:
     pilot_nfe: int = 0
     pilot: int = 0
     options: dict = field(default_factory=dict)  # sampler options that won with the grid (trig-abm's order)
+    sampler: str = ""  # the sampler it is for: the one asked for, or the winner of a choice between several
+    data_scale: float = 1.0  # rms of the pilot's fine ODE solution: the data's scale, as the model sees it
 
 
 class _Recorder(torch.nn.Module):
@@ -106,14 +115,19 @@ def _equidistributed(schedule, curvature: list[tuple[float, float]], theta_top: 
 
 
 @torch.no_grad()
-def calibrate(denoiser, sampler: str, steps: int, shape: tuple[int, ...], pilot: int = 256,
+def calibrate(denoiser, sampler: str | Sequence[str], steps: int, shape: tuple[int, ...], pilot: int = 256,
               fine_steps: int | None = None, seed: int = 0, cond: dict | None = None, device=None,
               dtype=torch.float32, **options) -> Calibration:
     """A grid of `steps` steps for `sampler` on this denoiser (see the module notes); shape is one sample's.
-    For trig-abm, the options of CANDIDATES that the caller does not give are candidates too, and `options` of
-    the result says which won."""
+    The options of CANDIDATES that the caller does not give are candidates too, and `options` of the result says
+    which won. Given several samplers, each is tried on its candidates (after one shared fine solve) and the
+    result's `sampler` says which won; they then take no options."""
     from deepgm.diffusion.samplers import SAMPLERS  # the samplers module calls back into this one
 
+    samplers = (sampler,) if isinstance(sampler, str) else tuple(sampler)
+    if len(samplers) > 1 and options:
+        raise ValueError(f"options {sorted(options)} cannot be given to a choice between samplers {list(samplers)}; "
+                         "name the sampler to set its options")
     if pilot < 2:
         raise ValueError(f"pilot must be at least 2 samples, got {pilot}")
     fine_steps = max(100, 4 * steps) if fine_steps is None else fine_steps
@@ -121,7 +135,7 @@ def calibrate(denoiser, sampler: str, steps: int, shape: tuple[int, ...], pilot:
         raise ValueError(f"fine_steps={fine_steps} is too coarse to calibrate {steps} steps; use >= {2 * steps}")
     schedule = denoiser.schedule
     if not 3 <= steps <= MOST_STEPS:  # nothing to place between the ends / every grid is accurate enough
-        return Calibration(trig(schedule, steps), "trig")
+        return Calibration(trig(schedule, steps), "trig", sampler=samplers[0])
     generator = torch.Generator(device=device).manual_seed(seed)
     z = schedule.prior_std() * torch.randn((pilot, *shape), generator=generator, device=device, dtype=dtype)
     if cond:  # cycle the conditioning (e.g. class labels) over the pilot batch
@@ -131,20 +145,26 @@ def calibrate(denoiser, sampler: str, steps: int, shape: tuple[int, ...], pilot:
     solution = SAMPLERS["trig-abm"](recorder, fine.to(z.device), z, cond=cond, order=3)
     theta_top, theta_end = torch.atan(scaled_noise(schedule, [1.0, smallest_time(schedule)])).tolist()
     recorder.recording = False
+    data_scale = float(solution.double().pow(2).mean().sqrt())
+    if not data_scale > 0:  # NaN or all zeros: no scale to calibrate to
+        raise ValueError(f"the pilot's ODE solution has rms {data_scale}; the denoiser's outputs are degenerate")
     grids = {f"equidistributed({power:g})": _equidistributed(schedule, recorder.curvature, theta_top, theta_end,
                                                              steps, power) for power in DENSITY_POWERS}
     grids.update({f"trig({scale:g})": trig(schedule, steps, scale=scale) for scale in CANDIDATE_SCALES})
-    fixed_grids, sampler_options = CANDIDATES.get(sampler, OTHER_CANDIDATES)
-    grids.update({name: make_grid(name, schedule, steps) for name in fixed_grids})
-    tried = {key: values for key, values in sampler_options.items() if key not in options}
-    variants = [dict(zip(tried, values, strict=True)) for values in itertools.product(*tried.values())]
     errors, choices = {}, {}
-    for name, times in grids.items():
-        for extra in variants:
-            label = name + "".join(f", {key.replace('_', ' ')} {v:g}" for key, v in extra.items())
-            x = SAMPLERS[sampler](recorder, times.to(z.device), z, generator=generator, cond=cond, **options, **extra)
-            errors[label] = float((x.double() - solution.double()).pow(2).mean().sqrt())
-            choices[label] = (times, extra)
-    chosen = min(errors, key=errors.get)
-    return Calibration(choices[chosen][0], chosen, errors, recorder.nfe, pilot, choices[chosen][1])
+    for name in samplers:
+        fixed_grids, sampler_options = CANDIDATES.get(name, OTHER_CANDIDATES)
+        tried = {key: tuple(v * data_scale for v in values) if key in DATA_SCALED else values
+                 for key, values in sampler_options.items() if key not in options}
+        variants = [dict(zip(tried, values, strict=True)) for values in itertools.product(*tried.values())]
+        for grid, times in {**grids, **{g: make_grid(g, schedule, steps) for g in fixed_grids}}.items():
+            for extra in variants:
+                label = f"{name}/{grid}" + "".join(
+                    f", {key.replace('_', ' ')} {v:.3g}" for key, v in extra.items())
+                x = SAMPLERS[name](recorder, times.to(z.device), z, generator=generator, cond=cond, **options, **extra)
+                errors[label] = float((x.double() - solution.double()).pow(2).mean().sqrt())
+                choices[label] = (name, times, extra)
+    chosen = min(errors, key=errors.get)  # ties: the first sampler, grid and option tried
+    name, times, extra = choices[chosen]
+    return Calibration(times, chosen, errors, recorder.nfe, pilot, extra, name, data_scale)
 

@@ -441,18 +441,23 @@ def pc(denoiser, times: torch.Tensor, x: torch.Tensor, generator=None, cond=None
 SAMPLERS: dict[str, Callable] = {"ddpm": ddpm, "ddim": ddim, "euler": euler, "heun": heun, "rk45": rk45,
                                  "dpmpp-2m": dpmpp_2m, "dpmpp-3m": dpmpp_3m, "euler-maruyama": euler_maruyama,
                                  "pc": pc, "trig-abm": trig_abm, "deis": deis}
-# The defaults of `sample`, chosen by benchmarks/sampler_accuracy.py (see its notes): the most accurate
-# sampler across the 2-D and 64-D mixtures at NFE 6-50, on a grid calibrated to the model (no fixed grid is
-# good for both); the other samplers keep fixed grids unless asked.
-DEFAULT_SAMPLER, DEFAULT_GRID = "trig-abm", "trig"
-DEFAULT_GRIDS = {"ddpm": "uniform", "ddim": "uniform", "trig-abm": CALIBRATED}
+# sampler="auto": the calibration's pilot chooses among these, each on its own candidate grids and options. On
+# the exact mixture denoisers of benchmarks/sampler_accuracy.py trig-abm is the most accurate at NFE 6-20; on
+# trained digits networks (benchmarks/digits_grids.py) DEIS or DPM-Solver++ is, and no fixed choice serves both.
+# The first is used, on the trig grid, where no pilot runs (fewer than 3 or more than MOST_STEPS steps).
+AUTO, AUTO_SAMPLERS = "auto", ("trig-abm", "deis", "dpmpp-2m")
+# The defaults of `sample`: the sampler chosen for the model on a grid calibrated to it; the other samplers keep
+# fixed grids unless asked.
+DEFAULT_SAMPLER, DEFAULT_GRID = AUTO, "trig"
+DEFAULT_GRIDS = {"ddpm": "uniform", "ddim": "uniform", "trig-abm": CALIBRATED, AUTO: CALIBRATED}
 # the samplers a grid can be calibrated for
 ODE_SAMPLERS = ("ddim", "euler", "heun", "dpmpp-2m", "dpmpp-3m", "deis", "trig-abm")
 STANDARD_ARGS = ("denoiser", "times", "x", "generator", "cond", "callback")
 
 
 def available_samplers() -> list[str]:
-    return sorted(SAMPLERS)
+    """The samplers' names, and "auto" (the calibration chooses one)."""
+    return [*sorted(SAMPLERS), AUTO]
 
 
 class _CountingDenoiser(torch.nn.Module):
@@ -494,18 +499,23 @@ def sample(denoiser, schedule: Schedule | None = None, shape: tuple[int, ...] | 
     'trig'); `times` overrides it; `options` go to the sampler (e.g. eta for DDIM, rtol/atol for rk45). NFE is
     counted here, whatever the sampler does. A calibrated grid (deepgm.diffusion.calibration) is made once per
     denoiser, sampler, steps, options and sample shape, and cached on the denoiser; its pilot evaluations are
-    reported in `calibration.pilot_nfe`, apart from the per-sample `nfe`.
+    reported in `calibration.pilot_nfe`, apart from the per-sample `nfe`. The default, sampler='auto', lets the
+    calibration choose among AUTO_SAMPLERS too; `calibration.sampler` says which ran.
     """
     schedule = schedule or denoiser.schedule
     if schedule is not denoiser.schedule:
         raise ValueError("schedule differs from the denoiser's; the grid must come from the schedule it predicts for")
-    if sampler not in SAMPLERS:
+    if sampler == AUTO:
+        if options or times is not None or grid not in (None, CALIBRATED):
+            raise ValueError("sampler='auto' chooses the sampler, its options and a grid calibrated to the model; "
+                             "to set options, a grid or times, name the sampler (e.g. sampler='deis')")
+    elif sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {available_samplers()}")
-    run = SAMPLERS[sampler]
-    allowed = [name for name in inspect.signature(run).parameters if name not in STANDARD_ARGS]
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise ValueError(f"unknown option(s) {unknown} for sampler {sampler!r}; it takes {allowed or 'none'}")
+    else:
+        allowed = [name for name in inspect.signature(SAMPLERS[sampler]).parameters if name not in STANDARD_ARGS]
+        unknown = sorted(set(options) - set(allowed))
+        if unknown:
+            raise ValueError(f"unknown option(s) {unknown} for sampler {sampler!r}; it takes {allowed or 'none'}")
     if x_T is None:
         if shape is None:
             raise ValueError("give either shape or x_T")
@@ -516,6 +526,7 @@ def sample(denoiser, schedule: Schedule | None = None, shape: tuple[int, ...] | 
         if grid == CALIBRATED:
             calibration = _calibrated(denoiser, sampler, steps, x_T, cond, options)
             times, options = calibration.times, {**options, **calibration.options}
+            sampler = calibration.sampler
         else:
             times = make_grid(grid, schedule, steps)
     times = torch.as_tensor(times, dtype=torch.float64)
@@ -530,14 +541,15 @@ def sample(denoiser, schedule: Schedule | None = None, shape: tuple[int, ...] | 
         if return_trajectory:
             trajectory.append(x)
 
-    x = run(counted, times.to(x_T.device), x_T, generator=generator, cond=cond, callback=callback, **options)
+    x = SAMPLERS[sampler](counted, times.to(x_T.device), x_T, generator=generator, cond=cond, callback=callback,
+                          **options)
     bar.close()
     return SampleOutput(x=x, nfe=counted.nfe, times=times, trajectory=trajectory, calibration=calibration)
 
 
 def _calibrated(denoiser, sampler: str, steps: int, x_T: torch.Tensor, cond: dict | None, options: dict):
     """The calibrated grid for these settings: from the denoiser's cache, else made now (pilot_nfe > 0) and kept."""
-    if sampler not in ODE_SAMPLERS:
+    if sampler != AUTO and sampler not in ODE_SAMPLERS:
         raise ValueError(f"the calibrated grid is for the ODE samplers {list(ODE_SAMPLERS)}, not {sampler!r}; "
                          "give the grid explicitly (e.g. grid='trig')")
     cache = denoiser.__dict__.setdefault("_calibrated_grids", {})
@@ -546,6 +558,7 @@ def _calibrated(denoiser, sampler: str, steps: int, x_T: torch.Tensor, cond: dic
     key = (sampler, steps, tuple(sorted(options.items())), tuple(x_T.shape[1:]), x_T.dtype, str(x_T.device), weights)
     if key in cache:
         return dataclasses.replace(cache[key], pilot_nfe=0)
-    cache[key] = calibrate(denoiser, sampler, steps, tuple(x_T.shape[1:]), cond=cond, device=x_T.device,
+    candidates = AUTO_SAMPLERS if sampler == AUTO else sampler
+    cache[key] = calibrate(denoiser, candidates, steps, tuple(x_T.shape[1:]), cond=cond, device=x_T.device,
                            dtype=x_T.dtype, **options)
     return cache[key]
