@@ -4,11 +4,15 @@ import json
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 
+import deepgm
 from deepgm.cli import main
 from deepgm.config import load_config
+from deepgm.diffusion.denoiser import Thresholded
+from deepgm.pipeline import draw_samples, load_run
 
 TINY_IMAGES = ["train.steps=12", "train.batch_size=16", "train.warmup_steps=2", "train.log_every=4",
                "train.checkpoint_every=6", "train.sample_every=6", "model.net.channels=16",
@@ -63,6 +67,21 @@ def test_sample_with_deis_on_a_calibrated_grid(digits_run, tmp_path, capsys):
     assert "calibrated: " in capsys.readouterr().out
     arrays = np.load(out.with_suffix(".npz"))
     assert int(arrays["nfe"]) == 4 and arrays["times"].shape == (5,) and np.isfinite(arrays["x"]).all()
+
+
+def test_image_samples_stay_in_the_data_range_whatever_the_sampler(digits_run):
+    """Clipping x0 to [-1, 1] (the pipeline's default for images) must hold for the samples returned too: trig-abm's
+    last step corrects the clipped prediction and would leave the range without the final clamp."""
+    run = load_run(digits_run)
+    labels = {"y": torch.arange(32) % run.model.num_classes}  # the digits that draw_samples cycles through
+    raw = deepgm.sample(Thresholded(run.model.denoiser), shape=(32, *run.data.shape), sampler="trig-abm", steps=6,
+                        grid="trig", generator=torch.Generator().manual_seed(0), cond=labels).x
+    assert float(raw.abs().max()) > 1  # what the clamp is for, on this tiny model
+    for sampler in ("trig-abm", "deis", "ddpm"):
+        x = draw_samples(run.model, run.data, 32, sampler, 6, seed=0, grid="trig")[0].x
+        assert float(x.abs().max()) <= 1 and bool(torch.isfinite(x).all())
+    x = draw_samples(run.model, run.data, 32, "trig-abm", 6, seed=0, grid="trig")[0].x
+    torch.testing.assert_close(x, raw.clamp(-1, 1))  # the same draw, clamped: nothing else changed
 
 
 def test_a_calibrated_grid_for_a_stochastic_sampler_is_refused_and_writes_nothing(digits_run, tmp_path, capsys):

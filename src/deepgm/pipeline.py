@@ -6,9 +6,9 @@ A run directory holds everything needed to resume, sample and evaluate:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -58,9 +58,12 @@ def draw_samples(model: DiffusionModel, data: Dataset, n: int, sampler: str, ste
     if not isinstance(model, DiffusionModel):  # other families sample themselves: generate(n, generator, cond) -> x
         x = model.generate(n, generator, cond or None)
         return SampleOutput(x=x, nfe=getattr(model, "sampling_nfe", 1), times=torch.empty(0)), cond.get("y")
-    return sample(_sampling_denoiser(model, data, clip), None, (n, *data.shape), sampler=sampler, steps=steps,
-                  generator=generator, cond=cond, progress=progress, device=device,
-                  return_trajectory=return_trajectory, **options), cond.get("y")
+    result = sample(_sampling_denoiser(model, data, clip), None, (n, *data.shape), sampler=sampler, steps=steps,
+                    generator=generator, cond=cond, progress=progress, device=device,
+                    return_trajectory=return_trajectory, **options)
+    if clip and data.is_image:  # samplers whose last step corrects the clipped x0 (trig-abm) can leave [-1, 1]
+        result = dataclasses.replace(result, x=result.x.clamp(-1, 1))
+    return result, cond.get("y")
 
 
 def save_samples_picture(x: torch.Tensor, data: Dataset, path: Path) -> Path:
@@ -110,7 +113,7 @@ def train_run(config: dict, run_dir: Path, resume: bool = False, progress: bool 
     return metrics
 
 
-@dataclass
+@dataclasses.dataclass
 class Run:
     """A trained run loaded for sampling or evaluation."""
 
