@@ -47,11 +47,11 @@ DENSITY_POWERS, DENSITY_FLOOR = (0.5, 0.7), 0.05
 # it blows up at NFE 6). A learned denoiser is less smooth in t than an exact one, and at ~6 steps trig-abm's
 # first-order method can win. trig-abm integrates exactly the part of the flow that data N(0, sigma_data^2 I)
 # would have, so its sigma_data candidates are multiples of the data's scale (DATA_SCALED), which the pilot
-# estimates as the rms of its fine solution; that keeps the calibration the same for data scaled by any factor.
+# estimates as the rms of its fine solution, rather than fixed numbers that suit data of one scale only.
 # On the 2-D ring (scale 1.42) sigma_data = 1, the old fixed value, pulled samples 2 % inside the ring (its Frechet
 # distance twice the ODE's); the scale itself removes that. On the benchmark's 64-D mixture (modes of std
 # 0.1-0.6 in a cloud of scale 1.06) half the scale wins: the pilot decides.
-CANDIDATES = {"trig-abm": ((), {"order": (1, 2), "sigma_data": (0.5, 1.0)})}
+CANDIDATES = {"trig-abm": ((), {"order": (1, 2), "sigma_data": (0.5, 1.0)})}  # sigma_data: x the data scale
 OTHER_CANDIDATES = (("log-snr", "karras"), {})
 DATA_SCALED = ("sigma_data",)  # candidate values that are multiples of the pilot's data scale
 MOST_STEPS = 20  # above this every grid is close to converged on the benchmarks, and the pilot would cost most
@@ -68,7 +68,7 @@ class Calibration:
     pilot: int = 0
     options: dict = field(default_factory=dict)  # sampler options that won with the grid (trig-abm's order)
     sampler: str = ""  # the sampler it is for: the one asked for, or the winner of a choice between several
-    data_scale: float = 1.0  # rms of the pilot's fine ODE solution: the data's scale, as the model sees it
+    data_scale: float = 1.0  # rms of the pilot's fine ODE solution: the data's scale as the model sees it (1: no pilot)
 
 
 class _Recorder(torch.nn.Module):
