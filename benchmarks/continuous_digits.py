@@ -9,11 +9,14 @@ For each trained run (EMA weights), on the 359 test digits (17 grey levels in [-
   Hutchinson with --probes Rademacher probes), on uniformly dequantised digits, as a bound on -log P(x) over
   the 17 levels: -log p(x + u) - D log(2/16); with the number of network evaluations per digit;
 - FID (digits classifier features, against the test digits; floor: train vs test) of --fid-samples samples
-  at NFE 10, 20, 50 for DDIM (uniform t), DPM-Solver++(2M) (uniform log-SNR), Heun (Karras rho = 7, N steps
-  cost 2N - 1), Euler-Maruyama on the reverse SDE (uniform t) and DDPM ancestral (uniform t).
+  at NFE 10, 20, 50 for deepgm.sample's default (sampler "auto": the calibration's choice of sampler and grid),
+  DDIM (uniform t), DPM-Solver++(2M) (uniform log-SNR), Heun (Karras rho = 7, N steps cost 2N - 1),
+  Euler-Maruyama on the reverse SDE (uniform t) and DDPM ancestral (uniform t).
 Every likelihood is a bound on (or, for the ODE, an estimate of) -log P(x) of the same discrete data.
 
 Run:  python benchmarks/continuous_digits.py NAME=RUN_DIR [NAME=RUN_DIR ...] [--out benchmarks/results]
+      [--likelihoods-from SAVED.json]   (FIDs only; the likelihoods of the saved run of each NAME, ~25-35 min
+                                         per model saved)
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from deepgm.likelihood import bits_per_dim
 from deepgm.pipeline import draw_samples, load_data, load_run
 
 SAMPLERS = {  # name: (sampler, grid, steps for NFE n)
+    "default": ("auto", "calibrated", lambda n: n),  # above 20 steps: trig-abm on the trig grid, no pilot
     "DDIM": ("ddim", "uniform", lambda n: n),
     "DPM-Solver++(2M)": ("dpmpp-2m", "log-snr", lambda n: n),
     "Heun (EDM)": ("heun", "karras", lambda n: (n + 1) // 2),
@@ -56,15 +60,20 @@ def evaluate(name: str, run_dir: str, args) -> dict:
     out = {"name": name, "run": run_dir, "step": run.step, "schedule": repr(schedule),
            "weighting": run.model.weighting.name, "test_examples": len(x0), "levels": test.levels}
     start = time.time()
-    steps = schedule.T or args.vlb_steps
-    terms = vlb(den, x0, test.levels, torch.Generator().manual_seed(0), T=steps)
-    out["vlb"] = {**_summary(bits_per_dim(terms["total"], dims)), "T": steps}
-    elbo = elbo_nll(den, x0, test.levels, args.elbo_points, torch.Generator().manual_seed(1))
-    out["elbo"] = {**_summary(elbo.bpd), "points": args.elbo_points}
-    ode = ode_nll(den, x0, test.levels, divergence="hutchinson", probes=args.probes,
-                  generator=torch.Generator().manual_seed(2))
-    out["ode"] = {**_summary(ode.bpd), "nfe": ode.nfe, "probes": args.probes}
-    out["likelihood_seconds"] = time.time() - start
+    if name in args.saved:  # the likelihoods of an earlier run of the same config, measured then
+        saved = args.saved[name]
+        out.update({key: saved[key] for key in ("vlb", "elbo", "ode", "likelihood_seconds")},
+                   likelihoods_from=saved["run"])
+    else:
+        steps = schedule.T or args.vlb_steps
+        terms = vlb(den, x0, test.levels, torch.Generator().manual_seed(0), T=steps)
+        out["vlb"] = {**_summary(bits_per_dim(terms["total"], dims)), "T": steps}
+        elbo = elbo_nll(den, x0, test.levels, args.elbo_points, torch.Generator().manual_seed(1))
+        out["elbo"] = {**_summary(elbo.bpd), "points": args.elbo_points}
+        ode = ode_nll(den, x0, test.levels, divergence="hutchinson", probes=args.probes,
+                      generator=torch.Generator().manual_seed(2))
+        out["ode"] = {**_summary(ode.bpd), "nfe": ode.nfe, "probes": args.probes}
+        out["likelihood_seconds"] = time.time() - start
     features = get_feature_net("digits", {k: v for k, v in run.config["data"].items() if k != "name"})
     out["fid"] = {}
     for label, (sampler, grid, steps_for) in SAMPLERS.items():
@@ -85,6 +94,9 @@ def markdown(rows: list[dict]) -> str:
         v, e, o = r["vlb"], r["elbo"], r["ode"]
         lines.append(f"| {r['name']} | {r['weighting']} | {v['bpd']:.3f} ± {v['ci95']:.3f} (T={v['T']}) | "
                      f"{e['bpd']:.3f} ± {e['ci95']:.3f} | {o['bpd']:.3f} ± {o['ci95']:.3f} ({o['nfe']}) |")
+    reused = [f"{r['name']} (from {r['likelihoods_from']})" for r in rows if "likelihoods_from" in r]
+    if reused:
+        lines += ["", "Likelihoods measured on an earlier training of the same config: " + ", ".join(reused)]
     lines += ["", f"FID against the test digits ({rows[0]['fid_floor']:.2f} between train and test digits); "
               "the NFE actually spent in brackets where it differs", "",
               "| model | sampler (grid) | NFE 10 | NFE 20 | NFE 50 |", "|---|---|---|---|---|"]
@@ -106,7 +118,12 @@ def main() -> None:
     parser.add_argument("--elbo-points", type=int, default=64)
     parser.add_argument("--vlb-steps", type=int, default=1000)
     parser.add_argument("--probes", type=int, default=1)
+    parser.add_argument("--likelihoods-from", metavar="JSON",
+                        help="take each NAME's likelihood columns from a saved continuous_digits.json (same config, "
+                             "trained before) and measure only the FIDs")
     args = parser.parse_args()
+    saved = json.loads(Path(args.likelihoods_from).read_text()) if args.likelihoods_from else []
+    args.saved = {r["name"]: r for r in saved}
     torch.manual_seed(0)
     rows = []
     out = Path(args.out)
