@@ -65,7 +65,7 @@ from deepgm.data import make_mixture
 from deepgm.diffusion.calibration import calibrate
 from deepgm.diffusion.denoiser import Denoiser
 from deepgm.diffusion.grids import CALIBRATED, available_grids, make_grid
-from deepgm.diffusion.samplers import AUTO, AUTO_SAMPLERS, DEFAULT_GRIDS, DEFAULT_SAMPLER, ODE_SAMPLERS
+from deepgm.diffusion.samplers import AUTO, DEFAULT_GRIDS, DEFAULT_SAMPLER, ODE_SAMPLERS
 from deepgm.diffusion.schedules import DiscreteVP
 from deepgm.eval.metrics import fid as frechet
 from deepgm.eval.metrics import frechet_distance, gaussian_fit
@@ -144,7 +144,7 @@ def run_deepgm(oracle: Oracle, z: torch.Tensor, nfe: int, sampler: str, grid: st
     if grid == CALIBRATED:  # once per problem, sampler and steps, on pilot noise apart from both draws
         key = (sampler, steps(nfe))
         if key not in oracle.calibrations:
-            oracle.calibrations[key] = calibrate(oracle.denoiser(), AUTO_SAMPLERS if sampler == AUTO else sampler,
+            oracle.calibrations[key] = calibrate(oracle.denoiser(), sampler,
                                                  steps(nfe), tuple(z.shape[1:]), seed=PILOT_SEED,
                                                  dtype=torch.float64, **options)
         calibration = oracle.calibrations[key]

@@ -125,7 +125,7 @@ def test_auto_chooses_the_sampler_closest_to_the_ode_on_the_pilot():
     overall best: its pilot errors are exactly those of each sampler calibrated alone."""
     schedule = DiscreteVP.linear(T=1000)
     denoiser = oracle(make_mixture("ring"), schedule)
-    auto = calibrate(denoiser, AUTO_SAMPLERS, 6, (2,), pilot=32, dtype=torch.float64)
+    auto = calibrate(denoiser, "auto", 6, (2,), pilot=32, dtype=torch.float64)
     alone = {}
     for sampler in AUTO_SAMPLERS:
         alone.update(calibrate(denoiser, sampler, 6, (2,), pilot=32, dtype=torch.float64).pilot_errors)
@@ -139,10 +139,10 @@ def test_auto_picks_trig_abm_where_it_is_exact_and_dpm_solver_for_narrow_offset_
     F (zero only for data centred at 0) and DEIS's eps are not: DPM-Solver++ is 3-20x closer to the ODE."""
     schedule = DiscreteVP.linear(T=1000)
     exact = calibrate(oracle(GaussianMixture(torch.ones(1), torch.zeros(1, 3), 0.25 * torch.eye(3)[None]),
-                             schedule), AUTO_SAMPLERS, 5, (3,), pilot=32, dtype=torch.float64)
+                             schedule), "auto", 5, (3,), pilot=32, dtype=torch.float64)
     assert exact.sampler == "trig-abm" and exact.options["sigma_data"] == exact.data_scale
     narrow = GaussianMixture(torch.ones(1), 2 * torch.ones(1, 3), 0.05**2 * torch.eye(3)[None])
-    other = calibrate(oracle(narrow, schedule), AUTO_SAMPLERS, 8, (3,), pilot=32, dtype=torch.float64)
+    other = calibrate(oracle(narrow, schedule), "auto", 8, (3,), pilot=32, dtype=torch.float64)
     assert other.sampler == "dpmpp-2m", other.pilot_errors
 
 
@@ -186,7 +186,7 @@ def test_bad_calibration_requests_are_value_errors():
     with pytest.raises(ValueError, match="fine_steps"):
         calibrate(denoiser, "trig-abm", 20, (2,), fine_steps=30)
     with pytest.raises(ValueError, match="name the sampler"):
-        calibrate(denoiser, AUTO_SAMPLERS, 5, (2,), order=2)
+        calibrate(denoiser, "auto", 5, (2,), order=2)
     broken = Denoiser.from_fn(lambda x, t: torch.full_like(x, math.nan), schedule, parameterization="x0")
     with pytest.raises(ValueError, match="degenerate"):
         calibrate(broken, "trig-abm", 5, (2,), pilot=4)

@@ -58,12 +58,9 @@ def draw_samples(model: DiffusionModel, data: Dataset, n: int, sampler: str, ste
     if not isinstance(model, DiffusionModel):  # other families sample themselves: generate(n, generator, cond) -> x
         x = model.generate(n, generator, cond or None)
         return SampleOutput(x=x, nfe=getattr(model, "sampling_nfe", 1), times=torch.empty(0)), cond.get("y")
-    result = sample(_sampling_denoiser(model, data, clip), None, (n, *data.shape), sampler=sampler, steps=steps,
-                    generator=generator, cond=cond, progress=progress, device=device,
-                    return_trajectory=return_trajectory, **options)
-    if clip and data.is_image:  # samplers whose last step corrects the clipped x0 (trig-abm) can leave [-1, 1]
-        result = dataclasses.replace(result, x=result.x.clamp(-1, 1))
-    return result, cond.get("y")
+    return sample(_sampling_denoiser(model, data, clip), None, (n, *data.shape), sampler=sampler, steps=steps,
+                  generator=generator, cond=cond, progress=progress, device=device,
+                  return_trajectory=return_trajectory, **options), cond.get("y")
 
 
 def save_samples_picture(x: torch.Tensor, data: Dataset, path: Path) -> Path:

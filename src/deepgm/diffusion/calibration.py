@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -115,16 +114,16 @@ def _equidistributed(schedule, curvature: list[tuple[float, float]], theta_top: 
 
 
 @torch.no_grad()
-def calibrate(denoiser, sampler: str | Sequence[str], steps: int, shape: tuple[int, ...], pilot: int = 256,
+def calibrate(denoiser, sampler: str, steps: int, shape: tuple[int, ...], pilot: int = 256,
               fine_steps: int | None = None, seed: int = 0, cond: dict | None = None, device=None,
               dtype=torch.float32, **options) -> Calibration:
     """A grid of `steps` steps for `sampler` on this denoiser (see the module notes); shape is one sample's.
     The options of CANDIDATES that the caller does not give are candidates too, and `options` of the result says
-    which won. Given several samplers, each is tried on its candidates (after one shared fine solve) and the
-    result's `sampler` says which won; they then take no options."""
-    from deepgm.diffusion.samplers import SAMPLERS  # the samplers module calls back into this one
+    which won. sampler="auto" tries each of AUTO_SAMPLERS on its candidates (after one shared fine solve) and the
+    result's `sampler` says which won; it takes no options."""
+    from deepgm.diffusion.samplers import AUTO, AUTO_SAMPLERS, SAMPLERS  # samplers calls back into this module
 
-    samplers = (sampler,) if isinstance(sampler, str) else tuple(sampler)
+    samplers = AUTO_SAMPLERS if sampler == AUTO else (sampler,)
     if len(samplers) > 1 and options:
         raise ValueError(f"options {sorted(options)} cannot be given to a choice between samplers {list(samplers)}; "
                          "name the sampler to set its options")

@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from deepgm.diffusion.calibration import Calibration, calibrate
-from deepgm.diffusion.denoiser import expand_like
+from deepgm.diffusion.denoiser import Thresholded, expand_like
 from deepgm.diffusion.grids import CALIBRATED, make_grid
 from deepgm.diffusion.schedules import Schedule, posterior, transition
 
@@ -548,6 +548,8 @@ def sample(denoiser, schedule: Schedule | None = None, shape: tuple[int, ...] | 
 
     x = SAMPLERS[sampler](counted, times.to(x_T.device), x_T, generator=generator, cond=cond, callback=callback,
                           **options)
+    if isinstance(denoiser, Thresholded):  # its x0 lies in [-1, 1]; a last step that corrects x0 (trig-abm) can leave
+        x = x.clamp(-1, 1)
     bar.close()
     return SampleOutput(x=x, nfe=counted.nfe, times=times, trajectory=trajectory, calibration=calibration)
 
@@ -563,7 +565,6 @@ def _calibrated(denoiser, sampler: str, steps: int, x_T: torch.Tensor, cond: dic
     key = (sampler, steps, tuple(sorted(options.items())), tuple(x_T.shape[1:]), x_T.dtype, str(x_T.device), weights)
     if key in cache:
         return dataclasses.replace(cache[key], pilot_nfe=0)
-    candidates = AUTO_SAMPLERS if sampler == AUTO else sampler
-    cache[key] = calibrate(denoiser, candidates, steps, tuple(x_T.shape[1:]), cond=cond, device=x_T.device,
+    cache[key] = calibrate(denoiser, sampler, steps, tuple(x_T.shape[1:]), cond=cond, device=x_T.device,
                            dtype=x_T.dtype, **options)
     return cache[key]
