@@ -32,8 +32,9 @@ import torch
 from deepgm.diffusion.likelihood import elbo_nll, ode_nll
 from deepgm.diffusion.losses import vlb
 from deepgm.eval import evaluate_samples, get_feature_net
+from deepgm.family import SamplingPlan
 from deepgm.likelihood import bits_per_dim
-from deepgm.pipeline import draw_samples, load_data, load_run
+from deepgm.pipeline import draw, load_data, load_run
 
 SAMPLERS = {  # name: (sampler, grid, steps for NFE n)
     "default": ("auto", "calibrated", lambda n: n),  # above 20 steps: trig-abm on the trig grid, no pilot
@@ -53,12 +54,12 @@ def _summary(per_example_bpd: torch.Tensor) -> dict:
 
 def evaluate(name: str, run_dir: str, args) -> dict:
     run = load_run(run_dir)
-    test = load_data(run.config, "test")
+    train, test = load_data(run.config, "train"), load_data(run.config, "test")
     x0, dims = test.x, test.x[0].numel()
     den = run.model.denoiser
     schedule = den.schedule
     out = {"name": name, "run": run_dir, "step": run.step, "schedule": repr(schedule),
-           "weighting": run.model.weighting.name, "test_examples": len(x0), "levels": test.levels}
+           "weighting": run.model.objective.weighting.name, "test_examples": len(x0), "levels": test.levels}
     start = time.time()
     if name in args.saved:  # the likelihoods of an earlier run of the same config, measured then
         saved = args.saved[name]
@@ -82,8 +83,8 @@ def evaluate(name: str, run_dir: str, args) -> dict:
             out["fid_floor"] = args.saved[name]["fid_floor"]
             continue
         for nfe in NFES:
-            result, _ = draw_samples(run.model, run.data, args.fid_samples, sampler, steps_for(nfe), seed=0, grid=grid)
-            metrics = evaluate_samples(result.x.cpu(), features, run.data.x, test.x)
+            result = draw(run, args.fid_samples, 0, SamplingPlan(sampler, steps_for(nfe), grid=grid))
+            metrics = evaluate_samples(result.x.cpu(), features, train.x, test.x)
             out["fid"][f"{label}@{nfe}"] = {"fid": metrics["fid"], "nfe": result.nfe, "precision": metrics["precision"],
                                             "recall": metrics["recall"]}
             out["fid_floor"] = metrics["fid_floor"]

@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 
 from deepgm.eval import evaluate_samples, get_feature_net
+from deepgm.family import SamplingPlan
 from deepgm.files import write_json, write_text
-from deepgm.pipeline import draw_samples, load_data, load_run
+from deepgm.pipeline import draw, load_data, load_run
 
 ROWS = [  # label: (sampler, grid, grid options)
     ("auto / calibrated (default)", "auto", "calibrated"),
@@ -47,14 +48,14 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     run = load_run(args.run)
-    test = load_data(run.config, "test")
+    train, test = load_data(run.config, "train"), load_data(run.config, "test")
     features = get_feature_net("digits", {k: v for k, v in run.config["data"].items() if k != "name"})
     rows = []
     for label, sampler, grid in ROWS:
         for nfe in NFES:
             start = time.time()
-            result, _ = draw_samples(run.model, run.data, args.n, sampler, nfe, seed=0, grid=grid)
-            metrics = evaluate_samples(result.x.cpu(), features, run.data.x, test.x)
+            result = draw(run, args.n, 0, SamplingPlan(sampler, nfe, grid=grid))
+            metrics = evaluate_samples(result.x.cpu(), features, train.x, test.x)
             cal = result.calibration
             pilot = f"{cal.pilot_nfe} x {cal.pilot}" if cal else None
             rows.append(dict(label=label, nfe=result.nfe, fid=metrics["fid"], floor=metrics["fid_floor"],

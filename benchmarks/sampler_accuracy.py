@@ -65,7 +65,8 @@ from deepgm.data import make_mixture
 from deepgm.diffusion.calibration import calibrate
 from deepgm.diffusion.denoiser import Denoiser
 from deepgm.diffusion.grids import CALIBRATED, available_grids, make_grid
-from deepgm.diffusion.samplers import AUTO, DEFAULT_GRIDS, DEFAULT_SAMPLER, ODE_SAMPLERS
+from deepgm.diffusion.samplers import ODE_SAMPLERS
+from deepgm.diffusion.sampling import AUTO, DEFAULT_GRIDS, DEFAULT_SAMPLER
 from deepgm.diffusion.schedules import DiscreteVP
 from deepgm.eval.metrics import fid as frechet
 from deepgm.eval.metrics import frechet_distance, gaussian_fit

@@ -38,7 +38,7 @@ def build_pair(channels: int, size: int = 32):
     from diffusers import UNet2DModel
 
     from deepgm.diffusion.model import DiffusionModel
-    from deepgm.diffusion.schedules import make_schedule
+    from deepgm.diffusion.schedule_registry import make_schedule
     from deepgm.nets.unet import UNet
 
     heads = 4

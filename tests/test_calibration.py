@@ -8,16 +8,10 @@ import torch
 import deepgm
 from deepgm.data import make_mixture
 from deepgm.data.toy import GaussianMixture
-from deepgm.diffusion.calibration import _equidistributed, calibrate
+from deepgm.diffusion.calibration import AUTO_SAMPLERS, _equidistributed, calibrate
 from deepgm.diffusion.denoiser import Denoiser
 from deepgm.diffusion.grids import CALIBRATED, make_grid, scaled_noise, smallest_time, trig
-from deepgm.diffusion.samplers import AUTO_SAMPLERS
 from deepgm.diffusion.schedules import DiscreteVP
-
-
-def oracle(gmm, schedule):
-    """The exact E[x0 | x_t] of the mixture as a denoiser."""
-    return gmm.denoiser(schedule)
 
 
 def theta_ends(schedule):
@@ -48,7 +42,7 @@ def test_steps_go_where_the_denoiser_output_bends():
 def test_calibrated_grid_beats_the_fixed_trig_grid_on_the_ring():
     # the ring's modes sharpen at low noise: the calibration must find that from the pilot alone
     schedule = DiscreteVP.linear(T=1000)
-    denoiser = oracle(make_mixture("ring"), schedule)
+    denoiser = make_mixture("ring").denoiser(schedule)
     cal = calibrate(denoiser, "trig-abm", 10, (2,), pilot=128, dtype=torch.float64)
     times = cal.times
     assert times.shape == (11,) and times[0] == 1.0 and times[-1] == 0.0 and bool((times[1:] < times[:-1]).all())
@@ -80,7 +74,7 @@ def test_calibration_finds_the_data_scale_at_which_trig_abm_is_nearly_exact():
     schedule = DiscreteVP.linear(T=1000)
     for std in (0.5, 3.0):
         gaussian = GaussianMixture(torch.ones(1), torch.zeros(1, 3), std**2 * torch.eye(3)[None])
-        denoiser = oracle(gaussian, schedule)
+        denoiser = gaussian.denoiser(schedule)
         cal = calibrate(denoiser, "trig-abm", 5, (3,), pilot=64, dtype=torch.float64)
         assert cal.data_scale == pytest.approx(std, rel=0.15)
         assert cal.options["sigma_data"] == cal.data_scale, cal.pilot_errors
@@ -91,7 +85,7 @@ def test_calibration_finds_the_data_scale_at_which_trig_abm_is_nearly_exact():
 
 def test_the_exponential_integrators_are_calibrated_against_their_own_grids_too():
     schedule = DiscreteVP.linear(T=1000)
-    denoiser = oracle(make_mixture("ring"), schedule)
+    denoiser = make_mixture("ring").denoiser(schedule)
     for sampler in ("deis", "dpmpp-2m"):
         cal = calibrate(denoiser, sampler, 6, (2,), pilot=32, dtype=torch.float64)
         assert {f"{sampler}/{grid}" for grid in ("log-snr", "karras", "trig(1)", "equidistributed(0.5)")} <= set(
@@ -102,7 +96,7 @@ def test_the_exponential_integrators_are_calibrated_against_their_own_grids_too(
 
 def test_sample_calibrates_once_per_denoiser_and_settings_and_counts_the_pilot_apart():
     schedule = DiscreteVP.linear(T=1000)
-    denoiser = oracle(make_mixture("ring"), schedule)
+    denoiser = make_mixture("ring").denoiser(schedule)
     first = deepgm.sample(denoiser, shape=(16, 2), steps=6, dtype=torch.float64)  # the default: auto, calibrated
     assert first.nfe == 6 and first.calibration is not None and first.calibration.pilot_nfe > 0
     again = deepgm.sample(denoiser, shape=(16, 2), steps=6, dtype=torch.float64)
@@ -124,7 +118,7 @@ def test_auto_chooses_the_sampler_closest_to_the_ode_on_the_pilot():
     """sampler='auto' tries every AUTO_SAMPLERS entry on its own candidates after one fine solve and keeps the
     overall best: its pilot errors are exactly those of each sampler calibrated alone."""
     schedule = DiscreteVP.linear(T=1000)
-    denoiser = oracle(make_mixture("ring"), schedule)
+    denoiser = make_mixture("ring").denoiser(schedule)
     auto = calibrate(denoiser, "auto", 6, (2,), pilot=32, dtype=torch.float64)
     alone = {}
     for sampler in AUTO_SAMPLERS:
@@ -138,11 +132,11 @@ def test_auto_picks_trig_abm_where_it_is_exact_and_dpm_solver_for_narrow_offset_
     data away from 0, N(2, 0.05^2 I), the data prediction DPM-Solver++ integrates is nearly constant, while trig-abm's
     F (zero only for data centred at 0) and DEIS's eps are not: DPM-Solver++ is 3-20x closer to the ODE."""
     schedule = DiscreteVP.linear(T=1000)
-    exact = calibrate(oracle(GaussianMixture(torch.ones(1), torch.zeros(1, 3), 0.25 * torch.eye(3)[None]),
-                             schedule), "auto", 5, (3,), pilot=32, dtype=torch.float64)
+    centred = GaussianMixture(torch.ones(1), torch.zeros(1, 3), 0.25 * torch.eye(3)[None])
+    exact = calibrate(centred.denoiser(schedule), "auto", 5, (3,), pilot=32, dtype=torch.float64)
     assert exact.sampler == "trig-abm" and exact.options["sigma_data"] == exact.data_scale
     narrow = GaussianMixture(torch.ones(1), 2 * torch.ones(1, 3), 0.05**2 * torch.eye(3)[None])
-    other = calibrate(oracle(narrow, schedule), "auto", 8, (3,), pilot=32, dtype=torch.float64)
+    other = calibrate(narrow.denoiser(schedule), "auto", 8, (3,), pilot=32, dtype=torch.float64)
     assert other.sampler == "dpmpp-2m", other.pilot_errors
 
 
@@ -176,7 +170,7 @@ def test_conditioning_is_cycled_over_the_pilot_batch():
 
 def test_bad_calibration_requests_are_value_errors():
     schedule = DiscreteVP.linear(T=1000)
-    denoiser = oracle(make_mixture("ring"), schedule)
+    denoiser = make_mixture("ring").denoiser(schedule)
     with pytest.raises(ValueError, match="made from the model"):
         make_grid(CALIBRATED, schedule, 10)
     with pytest.raises(ValueError, match="ODE samplers"):

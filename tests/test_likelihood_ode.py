@@ -21,22 +21,14 @@ from deepgm.diffusion.likelihood import (
 from deepgm.diffusion.losses import vlb
 from deepgm.diffusion.schedules import DiscreteVP
 from deepgm.diffusion.sde import VESDE, VPSDE, CosineVP, EDMSchedule, SubVPSDE
+from helpers import gaussian_denoiser
 
 F64 = torch.float64
 
 
-def mixture_denoiser(gmm, schedule):
-    """Exact E[x0 | x_t] of a mixture with full covariances, for one time per call (as ODE solvers ask)."""
-
-    def posterior_mean(x, t):
-        alpha, sigma = schedule.alpha_sigma(t[:1].double())
-        return gmm.posterior_mean(x, float(alpha), float(sigma)).to(x.dtype)
-
-    return Denoiser.from_fn(posterior_mean, schedule, "x0")
-
-
 def isotropic_mixture_denoiser(gmm, schedule):
-    """Exact E[x0 | x_t] of a mixture of isotropic components, with a time per example (as the ELBO asks)."""
+    """Exact E[x0 | x_t] of a mixture of isotropic components, with a time per example (as the ELBO asks).
+    Kept beside gmm.denoiser(schedule), which takes one time per call (t[0]), as ODE solvers ask."""
     var0 = gmm.covs[:, 0, 0]  # (K,)
 
     def posterior_mean(x, t):
@@ -59,7 +51,7 @@ def test_probability_flow_likelihood_of_the_exact_denoiser_is_the_mixtures_log_d
     """|log p_ODE(x) - log p(x)| < 1e-2 nats for every sample, on every schedule (a DDPM's included)."""
     gmm = ring()
     x = gmm.sample(64, torch.Generator().manual_seed(0)).double()
-    result = ode_log_likelihood(mixture_denoiser(gmm, schedule), x)
+    result = ode_log_likelihood(gmm.denoiser(schedule), x)
     err = (result.log_prob - gmm.log_prob(x)).abs()
     assert err.max() < 1e-2, f"max error {float(err.max()):.2e} nats"
     assert 20 < result.nfe < 400
@@ -68,7 +60,7 @@ def test_probability_flow_likelihood_of_the_exact_denoiser_is_the_mixtures_log_d
 def test_probability_flow_likelihood_in_higher_dimension_with_full_covariances():
     gmm = random_mixture(dim=5, n_modes=3, seed=1)
     x = gmm.sample(32, torch.Generator().manual_seed(1)).double()
-    result = ode_log_likelihood(mixture_denoiser(gmm, VPSDE()), x)
+    result = ode_log_likelihood(gmm.denoiser(VPSDE()), x)
     assert (result.log_prob - gmm.log_prob(x)).abs().max() < 1e-2
 
 
@@ -77,13 +69,8 @@ def test_gaussian_flow_is_linear_with_the_exact_log_determinant():
     v = alpha^2 s2 + sigma^2, and the change of variables adds D log k."""
     m, s2, dims = 0.4, 0.3, 3
     schedule = VESDE(sigma_min=0.01, sigma_max=5.0)
-
-    def posterior_mean(x, t):
-        alpha, sigma = (v.to(x.dtype)[:, None] for v in schedule.alpha_sigma(t.double()))
-        return m + alpha * s2 / (alpha**2 * s2 + sigma**2) * (x - alpha * m)
-
     x = torch.randn(8, dims, dtype=F64)
-    result = ode_log_likelihood(Denoiser.from_fn(posterior_mean, schedule, "x0"), x, rtol=1e-8, atol=1e-8)
+    result = ode_log_likelihood(gaussian_denoiser(schedule, m, s2), x, rtol=1e-8, atol=1e-8)
     (a0, a1), (s0, s1) = schedule.alpha_sigma(torch.tensor([schedule.t_min, 1.0], dtype=F64))
     k = torch.sqrt((a1**2 * s2 + s1**2) / (a0**2 * s2 + s0**2))
     torch.testing.assert_close(result.z, a1 * m + k * (x - a0 * m), rtol=1e-6, atol=1e-6)
@@ -94,7 +81,7 @@ def test_gaussian_flow_is_linear_with_the_exact_log_determinant():
 @pytest.mark.parametrize("probe", ["rademacher", "gaussian"])
 def test_hutchinson_estimator_is_unbiased_and_more_probes_help(probe):
     gmm = random_mixture(dim=4, n_modes=3, seed=2)
-    den = mixture_denoiser(gmm, VPSDE())
+    den = gmm.denoiser(VPSDE())
     x = gmm.sample(48, torch.Generator().manual_seed(3)).double()
     exact = gmm.log_prob(x)
     errors = {}
@@ -158,8 +145,7 @@ def test_dequantised_ode_nll_of_a_standard_normal_model():
     levels, dims = 17, 2
     schedule = VESDE(sigma_min=1e-3, sigma_max=20.0)
     # standard normal data: the exact denoiser is linear; the ODE gives -log N(x; 0, 1) for any x
-    den = Denoiser.from_fn(lambda x, t: x / (1 + schedule.alpha_sigma(t.double())[1].to(x.dtype)[:, None] ** 2),
-                           schedule, "x0")
+    den = gaussian_denoiser(schedule, 0.0, 1.0)
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, levels, (16, dims), generator=g).double() / (levels - 1) * 2 - 1
     out = ode_nll(den, x, levels, divergence="exact", generator=torch.Generator().manual_seed(1))
@@ -218,12 +204,10 @@ def test_cli_eval_of_a_2d_run_draws_score_field_trajectories_and_ode_density(toy
     """`deepgm eval RUN` on a 2-D run writes the three pictures next to eval.json (density grid shrunk for speed)."""
     from PIL import Image
 
-    import deepgm.pipeline
+    import deepgm.diffusion.model
     from deepgm.cli import main
-    from deepgm.viz.score_plots import toy_run_pictures
 
-    monkeypatch.setattr(deepgm.pipeline, "toy_run_pictures",
-                        lambda run, out, seed: toy_run_pictures(run, out, seed, density_points=6))
+    monkeypatch.setitem(deepgm.diffusion.model.DENSITY_PICTURE, "density_points", 6)
     assert main(["eval", str(toy_run)]) == 0
     for name in ("score_field.png", "sde_vs_ode_trajectories.png", "ode_density.png"):
         assert Image.open(toy_run / name).size[0] > 300, name

@@ -89,7 +89,7 @@ def test_pixel_by_pixel_sampler_draws_from_the_teacher_forced_likelihood():
     z = torch.randn(1, 2, dtype=torch.float64)
     probs = torch.exp(vae.head.log_prob(images, vae.decode(z.expand(16, -1), None, images)))
     n = 8000
-    draws = vae.generate(n, torch.Generator().manual_seed(0), z=z.expand(n, -1))
+    draws = vae.draw(n, torch.Generator().manual_seed(0), z=z.expand(n, -1))
     codes = ((draws.reshape(n, 4) > 0).long() * torch.tensor([8, 4, 2, 1])).sum(1)
     freq = torch.bincount(codes, minlength=16).double() / n
     assert torch.allclose(freq, probs, atol=4 * math.sqrt(0.25 / n))

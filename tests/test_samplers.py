@@ -10,11 +10,6 @@ from deepgm.diffusion.schedules import DiscreteVP
 from deepgm.eval.metrics import sliced_wasserstein
 
 
-def oracle(gmm, schedule):
-    """The exact E[x0 | x_t] of the mixture as a denoiser."""
-    return gmm.denoiser(schedule)
-
-
 @pytest.fixture(scope="module")
 def ring():
     return make_mixture("ring")
@@ -30,7 +25,7 @@ def _floor(gmm, n, seed=10):
 def test_1000_step_ancestral_sampling_reproduces_the_mixture(ring, variance):
     schedule = DiscreteVP.linear(T=1000)
     n = 2000
-    out = deepgm.sample(oracle(ring, schedule), schedule, (n, 2), sampler="ddpm", steps=1000, variance=variance,
+    out = deepgm.sample(ring.denoiser(schedule), schedule, (n, 2), sampler="ddpm", steps=1000, variance=variance,
                         generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     assert out.nfe == 1000
     truth = ring.sample(n, generator=torch.Generator().manual_seed(3))
@@ -42,7 +37,7 @@ def test_1000_step_ancestral_sampling_reproduces_the_mixture(ring, variance):
 def test_few_step_samplers_land_on_the_mixture(ring, sampler, options):
     schedule = DiscreteVP.cosine(T=1000)
     n = 2000
-    out = deepgm.sample(oracle(ring, schedule), schedule, (n, 2), sampler=sampler, steps=100,
+    out = deepgm.sample(ring.denoiser(schedule), schedule, (n, 2), sampler=sampler, steps=100,
                         generator=torch.Generator().manual_seed(1), dtype=torch.float64, **options)
     assert out.nfe == 100
     truth = ring.sample(n, generator=torch.Generator().manual_seed(4))
@@ -52,10 +47,10 @@ def test_few_step_samplers_land_on_the_mixture(ring, sampler, options):
 def test_ddim_eta0_is_deterministic_given_x_T(ring):
     schedule = DiscreteVP.cosine(T=1000)
     x_T = torch.randn(256, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    runs = [deepgm.sample(oracle(ring, schedule), schedule, sampler="ddim", steps=20, x_T=x_T,
+    runs = [deepgm.sample(ring.denoiser(schedule), schedule, sampler="ddim", steps=20, x_T=x_T,
                           generator=torch.Generator().manual_seed(seed)).x for seed in (1, 2)]
     assert torch.equal(runs[0], runs[1])
-    stochastic = [deepgm.sample(oracle(ring, schedule), schedule, sampler="ddim", steps=20, x_T=x_T, eta=1.0,
+    stochastic = [deepgm.sample(ring.denoiser(schedule), schedule, sampler="ddim", steps=20, x_T=x_T, eta=1.0,
                                 generator=torch.Generator().manual_seed(seed)).x for seed in (1, 2)]
     assert not torch.equal(stochastic[0], stochastic[1])
 
@@ -75,14 +70,14 @@ def test_ddim_eta1_equals_ddpm_beta_tilde_step():
 
 def test_trajectory_and_grid_end_at_data(ring):
     schedule = DiscreteVP.linear(T=1000)
-    out = deepgm.sample(oracle(ring, schedule), schedule, (8, 2), sampler="ddim", steps=10, return_trajectory=True,
+    out = deepgm.sample(ring.denoiser(schedule), schedule, (8, 2), sampler="ddim", steps=10, return_trajectory=True,
                         dtype=torch.float64)
     assert len(out.trajectory) == 11 and out.times[-1] == 0 and torch.equal(out.trajectory[-1], out.x)
 
 
 def test_sample_rejects_bad_requests(ring):
     schedule = DiscreteVP.linear(T=1000)
-    denoiser = oracle(ring, schedule)
+    denoiser = ring.denoiser(schedule)
     with pytest.raises(ValueError, match="unknown sampler"):
         deepgm.sample(denoiser, schedule, (4, 2), sampler="euler-maruyama-typo")
     with pytest.raises(ValueError, match="ends exactly at 0"):

@@ -15,18 +15,15 @@ from deepgm.data import make_mixture
 from deepgm.data.toy import GaussianMixture
 from deepgm.diffusion.denoiser import Denoiser
 from deepgm.diffusion.grids import GRIDS, available_grids, make_grid, smallest_time
-from deepgm.diffusion.samplers import AUTO_SAMPLERS, DEFAULT_GRID, DEFAULT_SAMPLER, SAMPLERS, available_samplers
-from deepgm.diffusion.schedules import DiscreteVP, Schedule, make_schedule
+from deepgm.diffusion.samplers import SAMPLERS
+from deepgm.diffusion.sampling import AUTO_SAMPLERS, DEFAULT_GRID, DEFAULT_SAMPLER, available_samplers
+from deepgm.diffusion.schedule_registry import make_schedule
+from deepgm.diffusion.schedules import DiscreteVP, Schedule
 from deepgm.eval.metrics import sliced_wasserstein
 
 ODE_ORDERS = {"euler": 1, "heun": 2, "dpmpp-2m": 2, "dpmpp-3m": 3, "deis": 3, "trig-abm": 3}
 SCHEDULES = {"linear": lambda: DiscreteVP.linear(T=1000), "cosine": lambda: DiscreteVP.cosine(T=1000),
              "vp": lambda: make_schedule("vp"), "ve": lambda: make_schedule("ve"), "edm": lambda: make_schedule("edm")}
-
-
-def oracle(gmm, schedule):
-    """The exact E[x0 | x_t] of the mixture as a denoiser."""
-    return gmm.denoiser(schedule)
 
 
 def nfe_of(sampler: str, steps: int) -> int:
@@ -85,7 +82,7 @@ def test_bad_grid_names_and_options_are_value_errors():
     with pytest.raises(ValueError, match="exceeds"):
         make_grid("uniform", schedule, 1001)
     with pytest.raises(ValueError, match="unknown grid"):
-        deepgm.sample(oracle(make_mixture("ring"), schedule), shape=(4, 2), sampler="ddim", grid="cosine-typo")
+        deepgm.sample(make_mixture("ring").denoiser(schedule), shape=(4, 2), sampler="ddim", grid="cosine-typo")
 
 
 # ------------------------------------------------------------------------------ schedule helpers we rely on
@@ -124,7 +121,7 @@ def _gaussian_problem(schedule):
     # PF-ODE in y = x/alpha: y(s) - mu = (y_1 - mu) sqrt(std^2 + s^2)/sqrt(std^2 + s_1^2), then the denoise jump
     # at t_min: x0 = mu + std^2/(std^2 + s_min^2) (y(s_min) - mu)
     exact = mu + (x_T / alpha[0] - mu) * std**2 / (torch.sqrt(std**2 + s[1] ** 2) * torch.sqrt(std**2 + s[0] ** 2))
-    return oracle(gaussian, schedule), x_T, exact
+    return gaussian.denoiser(schedule), x_T, exact
 
 
 @pytest.mark.parametrize("schedule_name", ["linear", "ve"])
@@ -157,9 +154,9 @@ def test_trig_abm_is_exact_for_data_at_its_scale():
     schedule = DiscreteVP.linear(T=1000)
     gaussian = GaussianMixture(torch.ones(1), torch.zeros(1, 2), 0.25 * torch.eye(2)[None])
     x_T = torch.randn(16, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    a = deepgm.sample(oracle(gaussian, schedule), x_T=x_T, sampler="trig-abm", steps=3, sigma_data=0.5,
+    a = deepgm.sample(gaussian.denoiser(schedule), x_T=x_T, sampler="trig-abm", steps=3, sigma_data=0.5,
                       dtype=torch.float64).x
-    b = deepgm.sample(oracle(gaussian, schedule), x_T=x_T, sampler="rk45", steps=3, rtol=1e-10, atol=1e-10,
+    b = deepgm.sample(gaussian.denoiser(schedule), x_T=x_T, sampler="rk45", steps=3, rtol=1e-10, atol=1e-10,
                       dtype=torch.float64).x
     torch.testing.assert_close(a, b, rtol=0, atol=1e-8)
 
@@ -214,7 +211,7 @@ def test_deis_integrates_a_quadratic_noise_prediction_exactly_and_is_ddim_at_ord
                         dtype=torch.float64, return_trajectory=True)
     torch.testing.assert_close(out.trajectory[-2], alpha[-1] * y_end, rtol=0, atol=1e-7)  # order 2: off by 0.6
 
-    ring_denoiser = oracle(make_mixture("ring"), schedule)
+    ring_denoiser = make_mixture("ring").denoiser(schedule)
     x_T = torch.randn(64, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     first = deepgm.sample(ring_denoiser, x_T=x_T, steps=7, grid="karras", sampler="deis", order=1, dtype=torch.float64)
     ddim = deepgm.sample(ring_denoiser, x_T=x_T, steps=7, grid="karras", sampler="ddim", dtype=torch.float64)
@@ -254,7 +251,7 @@ def test_every_sampler_converges_to_the_mixture(ring, sampler):
     low, high, grid, options = CONVERGENCE[sampler]
     errors = []
     for steps in [low, high] if low else [high]:
-        out = deepgm.sample(oracle(ring, schedule), schedule, (n, 2), sampler=sampler, steps=steps, grid=grid,
+        out = deepgm.sample(ring.denoiser(schedule), schedule, (n, 2), sampler=sampler, steps=steps, grid=grid,
                             generator=torch.Generator().manual_seed(1), dtype=torch.float64, **options)
         errors.append(_sw(out.x, truth))
     assert errors[-1] < 1.5 * _floor(ring, truth), errors
@@ -264,7 +261,7 @@ def test_every_sampler_converges_to_the_mixture(ring, sampler):
 def test_reverse_sde_and_probability_flow_ode_give_the_same_marginals(ring):
     schedule = DiscreteVP.linear(T=1000)
     n = 2000
-    denoiser = oracle(ring, schedule)
+    denoiser = ring.denoiser(schedule)
     sde = deepgm.sample(denoiser, shape=(n, 2), sampler="euler-maruyama", steps=200, grid="uniform",
                         generator=torch.Generator().manual_seed(5), dtype=torch.float64).x
     ode = deepgm.sample(denoiser, shape=(n, 2), sampler="rk45", steps=2, rtol=1e-4, atol=1e-4,
@@ -281,8 +278,8 @@ def test_euler_is_ddim_at_eta_zero(ring):
     schedule = DiscreteVP.cosine(T=1000)
     x_T = torch.randn(500, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     for grid in available_grids():
-        a = deepgm.sample(oracle(ring, schedule), x_T=x_T, sampler="euler", steps=10, grid=grid).x
-        b = deepgm.sample(oracle(ring, schedule), x_T=x_T, sampler="ddim", steps=10, grid=grid).x
+        a = deepgm.sample(ring.denoiser(schedule), x_T=x_T, sampler="euler", steps=10, grid=grid).x
+        b = deepgm.sample(ring.denoiser(schedule), x_T=x_T, sampler="ddim", steps=10, grid=grid).x
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
 
 
@@ -291,8 +288,8 @@ def test_heun_churn_adds_noise_and_still_lands_on_the_mixture(ring):
     n = 2000
     kw = dict(shape=(n, 2), sampler="heun", steps=40, grid="karras", s_churn=20.0, s_tmin=0.05, s_tmax=50.0,
               dtype=torch.float64)
-    a = deepgm.sample(oracle(ring, schedule), generator=torch.Generator().manual_seed(1), **kw)
-    b = deepgm.sample(oracle(ring, schedule), x_T=None, generator=torch.Generator().manual_seed(2), **kw)
+    a = deepgm.sample(ring.denoiser(schedule), generator=torch.Generator().manual_seed(1), **kw)
+    b = deepgm.sample(ring.denoiser(schedule), x_T=None, generator=torch.Generator().manual_seed(2), **kw)
     assert a.nfe == 79 and not torch.equal(a.x, b.x)
     truth = ring.sample(n, generator=torch.Generator().manual_seed(3))
     assert _sw(a.x, truth) < 1.5 * _floor(ring, truth)
@@ -306,7 +303,7 @@ def test_each_sampler_runs_on_every_grid_and_schedule_with_honest_nfe(sampler, s
     gmm = make_mixture("mixture", dim=3, n_modes=3, seed=0)
     for grid in available_grids():
         options = {"rtol": 1e-3, "atol": 1e-3} if sampler == "rk45" else {}
-        out = deepgm.sample(oracle(gmm, schedule), shape=(32, 3), sampler=sampler, steps=5, grid=grid,
+        out = deepgm.sample(gmm.denoiser(schedule), shape=(32, 3), sampler=sampler, steps=5, grid=grid,
                             generator=torch.Generator().manual_seed(0), dtype=torch.float64, return_trajectory=True,
                             **options)
         assert bool(torch.isfinite(out.x).all()), (sampler, grid)
@@ -317,7 +314,7 @@ def test_each_sampler_runs_on_every_grid_and_schedule_with_honest_nfe(sampler, s
 
 def test_bad_sampler_options_are_value_errors(ring):
     schedule = DiscreteVP.linear(T=1000)
-    denoiser = oracle(ring, schedule)
+    denoiser = ring.denoiser(schedule)
     cases = [("dpmpp-2m", {"eta": 1.0}, "unknown option"), ("heun", {"churn": 1.0}, "unknown option"),
              ("rk45", {"rtol": 0.0}, "rtol"), ("rk45", {}, "steps >= 2"), ("pc", {"predictor": "ode"}, "predictor"),
              ("pc", {"snr": -1.0}, "snr"), ("trig-abm", {"order": 4}, "order"),
@@ -354,7 +351,7 @@ def test_heun_is_edms_algorithm_wherever_its_corrector_interpolates(ring):
     """On steps with s'/s >= 1/2 deepgm's Heun must be EDM's Algorithm 2 (no churn) exactly: the trapezoidal rule
     on dy/ds = (y - D(y, s))/s with an Euler predictor, written here in EDM's own slope form."""
     schedule = DiscreteVP.linear(T=1000)
-    denoiser = oracle(ring, schedule)
+    denoiser = ring.denoiser(schedule)
     times = make_grid("log-snr", schedule, 40)  # geometric in s: every ratio s'/s is ~0.78
     alpha, sigma = schedule.alpha_sigma(times)
     s = sigma / alpha
@@ -379,7 +376,7 @@ def test_heun_does_not_blow_up_at_low_nfe(ring, grid):
     # capped it must stay as accurate as a first-order sampler at the same NFE. (On the Karras grid 3 steps leave
     # rms ~1.6 either way: its first step from s = 157 is simply too long.)
     schedule = DiscreteVP.linear(T=1000)
-    denoiser = oracle(ring, schedule)
+    denoiser = ring.denoiser(schedule)
     x_T = torch.randn(500, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     exact = deepgm.sample(denoiser, x_T=x_T, sampler="rk45", steps=2, dtype=torch.float64, rtol=1e-7, atol=1e-7).x
 

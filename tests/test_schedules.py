@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from deepgm.diffusion.schedules import DiscreteVP, make_schedule, posterior, transition
+from deepgm.diffusion.schedule_registry import make_schedule
+from deepgm.diffusion.schedules import DiscreteVP, posterior, transition
 
 SCHEDULES = [DiscreteVP.linear(T=100), DiscreteVP.cosine(T=100)]
 

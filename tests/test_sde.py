@@ -8,7 +8,8 @@ import torch
 
 from deepgm.diffusion.denoiser import Denoiser, edm_preconditioning, from_x0_eps, to_x0_eps
 from deepgm.diffusion.grids import uniform
-from deepgm.diffusion.schedules import DiscreteVP, Schedule, make_schedule
+from deepgm.diffusion.schedule_registry import make_schedule
+from deepgm.diffusion.schedules import DiscreteVP, Schedule
 from deepgm.diffusion.sde import VESDE, VPSDE, CosineVP, EDMSchedule, LearnedSchedule, SubVPSDE, drift
 
 F64 = torch.float64

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from deepgm.conditioning import ClassLabel, Conditioning, ImageCondition
 from deepgm.nets.unet import UNet
 
 
@@ -51,19 +52,20 @@ def test_zero_init_output():
 
 def test_depends_on_t_and_y():
     torch.manual_seed(0)
-    net = _randomise(UNet(channels=16, num_res_blocks=1, attention_resolutions=(4,), num_classes=3)).eval()
+    classes = Conditioning([ClassLabel(3)])
+    net = _randomise(UNet(channels=16, num_res_blocks=1, attention_resolutions=(4,), conditioning=classes)).eval()
     x = torch.randn(2, 1, 8, 8)
     t = torch.full((2,), 0.3)
     y = torch.tensor([0, 1])
-    out = net(x, t, y)
+    out = net(x, t, y=y)
     assert out.abs().max() > 0
-    assert not torch.allclose(out, net(x, torch.full((2,), 0.7), y))
-    assert not torch.allclose(out, net(x, t, torch.tensor([2, 2])))
-    torch.testing.assert_close(net(x, t), net(x, t, torch.tensor([3, 3])))  # None == "no label" token
+    assert not torch.allclose(out, net(x, torch.full((2,), 0.7), y=y))
+    assert not torch.allclose(out, net(x, t, y=torch.tensor([2, 2])))
+    torch.testing.assert_close(net(x, t), net(x, t, y=torch.tensor([3, 3])))  # None == "no label" token
     with pytest.raises(ValueError, match="labels"):
-        net(x, t, torch.tensor([0, 4]))
-    with pytest.raises(ValueError, match="num_classes"):
-        UNet(channels=16, num_res_blocks=1)(x, t, y)
+        net(x, t, y=torch.tensor([0, 4]))
+    with pytest.raises(ValueError, match="unconditional"):
+        UNet(channels=16, num_res_blocks=1)(x, t, y=y)
 
 
 def test_overfits_fixed_batch():
@@ -104,7 +106,7 @@ def test_channels_last_and_bf16_autocast():
 
 
 def test_cond_image():
-    net = _randomise(UNet(in_channels=1, channels=16, num_res_blocks=1, cond_channels=2))
+    net = _randomise(UNet(in_channels=1, channels=16, num_res_blocks=1, conditioning=Conditioning([ImageCondition(2)])))
     x, t = torch.randn(2, 1, 8, 8), torch.rand(2)
     cond = torch.randn(2, 2, 8, 8)
     out = net(x, t, cond_image=cond)
@@ -114,5 +116,5 @@ def test_cond_image():
         net(x, t)
     with pytest.raises(ValueError, match="cond_image"):
         net(x, t, cond_image=torch.randn(2, 1, 8, 8))
-    with pytest.raises(ValueError, match="cond_channels=0"):
+    with pytest.raises(ValueError, match="unconditional"):
         UNet(channels=16, num_res_blocks=1)(x, t, cond_image=cond)

@@ -11,9 +11,10 @@ import torch
 from deepgm.cli import main
 from deepgm.data import load_dataset
 from deepgm.models import build_model
+from deepgm.studies.collapse import run_collapse
+from deepgm.studies.table import comparison_table
 from deepgm.train import TrainConfig, Trainer
 from deepgm.vae.diagnostics import iwae_nll
-from deepgm.vae.experiments import comparison_table, run_collapse
 
 # A 1,500-step MLP VAE (16 latents, discretised logistic over 17 levels) measured 1.89 bits/dim here.
 FLOOR_BPD = 1.95
@@ -48,7 +49,7 @@ def test_conditional_vae_draws_the_requested_class(tmp_path):
     centroids = torch.stack([train.x[train.y == c].mean(0) for c in range(10)]).reshape(10, -1)  # (10, 64)
     g = torch.Generator().manual_seed(0)
     y = torch.arange(200) % 10
-    x = model.generate(200, g, {"y": y}, mean=True).reshape(200, -1)
+    x = model.draw(200, g, {"y": y}, mean=True).reshape(200, -1)
     predicted = torch.cdist(x, centroids).argmin(1)
     assert (predicted == y).double().mean() > 0.8
 

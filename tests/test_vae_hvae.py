@@ -71,10 +71,10 @@ def test_iwae_improves_on_the_elbo(hvae, batch):
 
 def test_fixed_top_groups_are_kept_and_lower_groups_resampled(hvae):
     top = hvae.prior_latents(4, torch.Generator().manual_seed(0))
-    a = hvae.generate(4, torch.Generator().manual_seed(1), fixed=top[:1], mean=True)
-    b = hvae.generate(4, torch.Generator().manual_seed(2), fixed=top[:1], mean=True)
-    c = hvae.generate(4, torch.Generator().manual_seed(3), fixed=top, mean=True)
-    d = hvae.generate(4, torch.Generator().manual_seed(4), fixed=top, mean=True)
+    a = hvae.draw(4, torch.Generator().manual_seed(1), fixed=top[:1], mean=True)
+    b = hvae.draw(4, torch.Generator().manual_seed(2), fixed=top[:1], mean=True)
+    c = hvae.draw(4, torch.Generator().manual_seed(3), fixed=top, mean=True)
+    d = hvae.draw(4, torch.Generator().manual_seed(4), fixed=top, mean=True)
     assert torch.equal(c, d)  # every group fixed: the decoder mean is determined
     assert not torch.allclose(a, b)  # lower groups resampled
     out = hvae.top_down(None, 4, torch.Generator().manual_seed(5), fixed=top[:2])
@@ -86,7 +86,7 @@ def test_spatial_groups_have_the_sizes_of_their_maps():
     data = load_dataset("digits", "train")
     model = build_model({"kind": "hvae", "group_dims": [8, 4, 2], "resolutions": [1, 4, 8], "hidden": 8}, data)
     assert model.group_dims == [8, 4 * 16, 2 * 64]
-    x = model.generate(3, torch.Generator().manual_seed(0))
+    x = model.draw(3, torch.Generator().manual_seed(0))
     assert x.shape == (3, 1, 8, 8)
     with pytest.raises(ValueError, match="resolutions"):
         build_model({"kind": "hvae", "group_dims": [8, 4], "resolutions": [4, 3]}, data)

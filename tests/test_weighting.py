@@ -152,7 +152,7 @@ def test_learned_schedule_shape_follows_the_variance_gradient_and_endpoints_the_
     loss_plain, _ = plain.loss({"x": x0}, g)
     grads_elbo = torch.autograd.grad(loss_plain, [plain.schedule.lam_min, plain.schedule.lam_max], retain_graph=True)
     g = torch.Generator().manual_seed(2)
-    per_dim = weighted_loss(plain.denoiser, x0, plain.weighting, g)  # same draws: L_i in nats/dim
+    per_dim = weighted_loss(plain.denoiser, x0, plain.objective.weighting, g)  # same draws: L_i in nats/dim
     torch.testing.assert_close(loss_plain.detach(), loss.detach())
     second = torch.autograd.grad(per_dim.pow(2).mean(), [getattr(plain.schedule, n) for n in shape])
     for name, want in zip(shape, second, strict=True):

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
 
 from deepgm.diffusion.grids import CALIBRATED, available_grids
-from deepgm.diffusion.samplers import available_samplers
-from deepgm.diffusion.schedules import SCHEDULES
+from deepgm.diffusion.sampling import available_samplers
+from deepgm.diffusion.schedule_registry import SCHEDULES
 
 
 def positive_int(text: str) -> int:
@@ -46,17 +47,22 @@ def _data_fetch(args) -> None:
     print(f"{args.name}: verified files in {folder}; train with data: {{name: {args.name}, root: {args.root}}}")
 
 
+def _plan_overrides(args) -> dict:
+    """The sampling-plan fields given on the command line (None: the config's)."""
+    options = {"eta": args.eta} if getattr(args, "eta", None) is not None else None
+    return {"sampler": args.sampler, "steps": args.steps, "grid": args.grid, "guidance": args.guidance,
+            "threshold": args.threshold, "options": options}
+
+
 def _sample(args) -> None:
     from deepgm.pipeline import sample_run
 
-    options = {"eta": args.eta} if args.eta is not None else {}
-    if args.grid is not None:
-        options["grid"] = args.grid
-    path, result = sample_run(args.run, args.sampler, args.steps, args.n, args.seed, args.out, args.weights,
-                              **options)
+    path, result = sample_run(args.run, args.n, args.seed, args.out, args.weights, **_plan_overrides(args))
     if result.calibration is not None:
         c = result.calibration
         print(f"calibrated: {c.chosen} (pilot: {c.pilot_nfe} evaluations of {c.pilot} samples)")
+    print(f"NFE per sample: {result.nfe}" + (" (guidance: 2 network evaluations per step)" if args.guidance not in
+                                             (None, 0, 1) else ""))
     print(f"wrote {path} and {path.with_suffix('.npz')}")
 
 
@@ -64,7 +70,8 @@ def _eval(args) -> None:
     from deepgm.pipeline import evaluate_run, likelihood_run
 
     if args.nll:
-        m = likelihood_run(args.run, args.nll_examples, args.divergence, args.probes, seed=args.seed, iwae_k=args.k)
+        m = likelihood_run(args.run, args.nll_examples, seed=args.seed, k=args.k, divergence=args.divergence,
+                           probes=args.probes)
         unit = f"bits/dim, {m['levels']} levels" if m["levels"] else "bits/dim of the density"
         for key, name in (("ode", "probability-flow ODE NLL"), ("elbo", "continuous ELBO (bound)"),
                           ("iwae", f"-IWAE_{args.k} (bound)")):
@@ -75,12 +82,13 @@ def _eval(args) -> None:
                   f"NFE {r['nfe']}) — {r['note']}")
         print(f"written to {Path(args.run) / 'nll.json'}")
         return
-    metrics = evaluate_run(args.run, args.n_samples, args.sampler, args.steps, args.vlb_examples, args.seed)
+    metrics = evaluate_run(args.run, args.n_samples, args.seed, vlb_examples=args.vlb_examples,
+                           **_plan_overrides(args))
     print(json.dumps(metrics, indent=2))
 
 
 def _collapse(args) -> None:
-    from deepgm.vae.experiments import run_collapse
+    from deepgm.studies.collapse import run_collapse
 
     summary = run_collapse(args.out, args.steps, args.k, args.overrides, progress=not args.quiet)
     print((Path(args.out) / "collapse.md").read_text())
@@ -89,7 +97,7 @@ def _collapse(args) -> None:
 
 
 def _table(args) -> None:
-    from deepgm.vae.experiments import comparison_table
+    from deepgm.studies.table import comparison_table
 
     comparison_table(args.runs, args.out, args.k, args.n_samples, args.seed, args.examples, progress=not args.quiet,
                      ode=not args.no_ode)
@@ -126,6 +134,27 @@ def _demo(args) -> None:
     print(f"  TensorBoard      tensorboard --logdir {run_dir}/tb")
 
 
+def guidance_weight(text: str) -> float:
+    """argparse type for the classifier-free guidance weight: a finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0 (1: the conditional model, 0: the "
+                                         f"unconditional one), got {text}")
+    return value
+
+
+def _guidance_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--guidance", type=guidance_weight, metavar="W",
+                   help="classifier-free guidance weight w: x0 = x0_uncond + w (x0_cond - x0_uncond); 1 is the "
+                        "conditional model, 0 the unconditional one (default: the config's, 1)")
+    p.add_argument("--threshold", metavar="static|dynamic[:P]|none",
+                   help="x0 thresholding of images: static clipping to [-1, 1], Imagen's dynamic thresholding at "
+                        "percentile P (default 0.995), or none (default: the config's, static)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deepgm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -151,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=positive_int, default=64, help="number of samples")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eta", type=float, help="DDIM eta (0 deterministic, 1 ancestral)")
+    _guidance_arguments(p)
     p.add_argument("--weights", choices=["ema", "raw"], default="ema", help="which weights to sample with")
     p.add_argument("--out", help="output path stem (default RUN/samples/<sampler>-<steps>steps-seed<seed>)")
     p.set_defaults(func=_sample)
@@ -160,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-samples", type=positive_int, help="samples for FID (default: the config's eval.n_samples)")
     p.add_argument("--sampler", choices=available_samplers())
     p.add_argument("--steps", type=positive_int)
+    p.add_argument("--grid", choices=grids, help="time grid of the sampler (default: the sampler's)")
+    _guidance_arguments(p)
     p.add_argument("--vlb-examples", type=positive_int, help="test examples for the bits/dim bound")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--nll", action="store_true",

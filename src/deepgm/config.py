@@ -16,8 +16,9 @@ DEFAULTS: dict[str, Any] = {
     "data": {"name": "digits"},
     "model": {"kind": "ddpm"},
     "train": {},
-    "sample": {"sampler": "ddim", "steps": 50, "n": 64, "clip": True},
+    "sample": {"sampler": "ddim", "steps": 50, "n": 64, "clip": True, "guidance": 1.0},
     "eval": {"n_samples": 1000, "sampler": "ddim", "steps": 50, "vlb": True, "vlb_examples": 256},
+    "resolved": {},  # written by `deepgm train`: the data's shape, levels and classes, the model's conditions
 }
 
 
@@ -83,7 +84,7 @@ def check_config(config: dict) -> None:
     unknown = set(config) - set(DEFAULTS)
     if unknown:
         raise ValueError(f"unknown config section(s) {sorted(unknown)}; valid sections are {sorted(DEFAULTS)}")
-    for section in ("data", "model", "train", "sample", "eval"):
+    for section in ("data", "model", "train", "sample", "eval", "resolved"):
         if not isinstance(config[section], dict):
             raise ValueError(f"config section {section!r} must be a mapping")
     if not isinstance(config["seed"], int):

@@ -9,6 +9,7 @@ says bits; bits/dim divides a per-example negative log-likelihood by D ln 2.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch.special import log_ndtr
@@ -82,3 +83,20 @@ def discretized_logistic_log_prob(x, mean, log_scale, levels: int) -> torch.Tens
     upper = torch.where(x > 1 - half_bin, torch.full_like(x, math.inf), (x - mean + half_bin) * inv_scale)
     lower = torch.where(x < -1 + half_bin, torch.full_like(x, -math.inf), (x - mean - half_bin) * inv_scale)
     return _log_sigmoid_diff(lower, upper)
+
+
+@dataclass
+class NLL:
+    """Per-example negative log-likelihoods (nats) and bits/dim, the network evaluations per example, and a note."""
+
+    nats: torch.Tensor
+    bpd: torch.Tensor
+    nfe: int
+    note: str
+
+    def summary(self) -> dict:
+        """Mean bits/dim with a 95% normal interval over examples."""
+        n = len(self.bpd)
+        ci = 1.96 * float(self.bpd.std()) / math.sqrt(n) if n > 1 else float("nan")
+        return {"bpd": float(self.bpd.mean()), "bpd_ci95": ci, "nats": float(self.nats.mean()), "n": n,
+                "nfe": self.nfe, "note": self.note}

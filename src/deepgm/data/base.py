@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -13,7 +13,8 @@ class Dataset:
     """Examples held as one tensor; images live in [-1, 1] as (N, C, H, W), vectors as (N, D).
 
     `levels` is the number of discrete values per dimension (17 for digits, 256 for 8-bit images);
-    None means continuous data. Bits/dim conversions read it, so it is never hidden in code.
+    None means continuous data. Bits/dim conversions read it, so it is never hidden in code. `log_prob` is the
+    exact log density of the data's distribution where it is known (the toy mixtures), for pictures and checks.
     """
 
     name: str
@@ -21,6 +22,12 @@ class Dataset:
     y: torch.Tensor | None = None
     levels: int | None = None
     num_classes: int | None = None
+    log_prob: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, repr=False)
+
+    @property
+    def spec(self) -> DataSpec:
+        """What a model needs to know of the data, without the data."""
+        return DataSpec(self.name, self.shape, self.levels, self.num_classes)
 
     def __len__(self) -> int:
         return self.x.shape[0]
@@ -40,6 +47,28 @@ class Dataset:
         if self.y is not None:
             out["y"] = self.y[index]
         return out
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """One example's shape, the number of discrete levels and of classes: all a model is built from. A run's
+    config.yaml records it (section `resolved`), so loading a run for sampling does not need its dataset."""
+
+    name: str
+    shape: tuple[int, ...]
+    levels: int | None = None
+    num_classes: int | None = None
+
+    @property
+    def is_image(self) -> bool:
+        return len(self.shape) == 3
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "levels": self.levels, "num_classes": self.num_classes}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DataSpec:
+        return cls(d["name"], tuple(int(v) for v in d["shape"]), d.get("levels"), d.get("num_classes"))
 
 
 _REGISTRY: dict[str, Callable[..., Dataset]] = {}

@@ -170,4 +170,4 @@ def load_toy(split: str = "train", mixture: str = "ring", n: int | None = None, 
     gmm = make_mixture(mixture, **options)
     n = n or TOY_SIZES[split]
     g = torch.Generator().manual_seed(1 if split == "train" else 2)
-    return Dataset(name=f"toy-{mixture}", x=gmm.sample(n, generator=g), levels=None)
+    return Dataset(name=f"toy-{mixture}", x=gmm.sample(n, generator=g), levels=None, log_prob=gmm.log_prob)

@@ -38,6 +38,7 @@ import torch
 
 from deepgm.diffusion.denoiser import from_x0_eps
 from deepgm.diffusion.grids import from_scaled_noise, make_grid, scaled_noise, smallest_time, trig
+from deepgm.diffusion.samplers import SAMPLERS
 
 CANDIDATE_SCALES = (0.5, 1.0, 2.0)  # trig grids that the equidistributed grid must beat on the pilot batch
 DENSITY_POWERS, DENSITY_FLOOR = (0.5, 0.7), 0.05
@@ -54,6 +55,11 @@ CANDIDATES = {"trig-abm": ((), {"order": (1, 2), "sigma_data": (0.5, 1.0)})}  # 
 OTHER_CANDIDATES = (("log-snr", "karras"), {})
 DATA_SCALED = ("sigma_data",)  # candidate values that are multiples of the pilot's data scale
 MOST_STEPS = 20  # above this every grid is close to converged on the benchmarks, and the pilot would cost most
+# sampler="auto": the calibration's pilot chooses among these, each on its own candidate grids and options. On
+# the exact mixture denoisers of benchmarks/sampler_accuracy.py trig-abm is the most accurate at NFE 6-20; on
+# trained digits networks (benchmarks/digits_grids.py) DEIS or DPM-Solver++ is, and no fixed choice serves both.
+# The first is used, on the trig grid, where no pilot runs (fewer than 3 or more than MOST_STEPS steps).
+AUTO, AUTO_SAMPLERS = "auto", ("trig-abm", "deis", "dpmpp-2m")
 
 
 @dataclass
@@ -121,8 +127,6 @@ def calibrate(denoiser, sampler: str, steps: int, shape: tuple[int, ...], pilot:
     The options of CANDIDATES that the caller does not give are candidates too, and `options` of the result says
     which won. sampler="auto" tries each of AUTO_SAMPLERS on its candidates (after one shared fine solve) and the
     result's `sampler` says which won; it takes no options."""
-    from deepgm.diffusion.samplers import AUTO, AUTO_SAMPLERS, SAMPLERS  # samplers calls back into this module
-
     samplers = AUTO_SAMPLERS if sampler == AUTO else (sampler,)
     if len(samplers) > 1 and options:
         raise ValueError(f"options {sorted(options)} cannot be given to a choice between samplers {list(samplers)}; "

@@ -5,6 +5,7 @@ It wraps a network (or any callable) and its parameterisation once; samplers nev
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -91,6 +92,8 @@ class _FunctionNet(nn.Module):
 class Denoiser(nn.Module):
     """A network with a parameterisation and the schedule it was trained with."""
 
+    evaluations = 1  # network evaluations per call and sample (what samplers count as NFE)
+
     def __init__(self, net: nn.Module, schedule: Schedule, parameterization: str = "eps", sigma_data: float = 0.5):
         super().__init__()
         if parameterization not in PARAMETERIZATIONS:
@@ -133,13 +136,17 @@ class Denoiser(nn.Module):
 
 
 class Thresholded(nn.Module):
-    """Clips the x0 prediction (static: to [-1, 1]; dynamic: Saharia et al. 2022, sec. 2.3) and re-derives eps."""
+    """Clips the x0 prediction (static: to [-1, 1]; dynamic: Saharia et al. 2022, sec. 2.3) and re-derives eps.
+
+    Dynamic thresholding: s = max(1, the `percentile` quantile of |x0| per example); x0 <- clip(x0, -s, s) / s.
+    Where no |x0| exceeds 1 (s = 1), both leave x0 unchanged."""
 
     def __init__(self, denoiser: nn.Module, percentile: float | None = None):
         super().__init__()
         self.denoiser = denoiser
         self.schedule = denoiser.schedule
         self.percentile = percentile  # None: static clipping
+        self.evaluations = getattr(denoiser, "evaluations", 1)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, **cond) -> Prediction:
         pred = self.denoiser(x, t, **cond)
@@ -153,3 +160,41 @@ class Thresholded(nn.Module):
         t = torch.as_tensor(t, device=x.device, dtype=torch.float64)
         alpha, sigma = (expand_like(v, x) for v in self.schedule.alpha_sigma(t.expand(x.shape[0])))
         return Prediction(x0, (x - alpha * x0) / sigma)
+
+
+class Guided(nn.Module):
+    """Classifier-free guidance (Ho & Salimans 2022, eq. 6, written for x0 and eps alike):
+    x0 = x0_uncond + w (x0_cond - x0_uncond), eps likewise (both are affine in the network output, so the pair
+    stays consistent with x_t = alpha x0 + sigma eps). w = 1 is the conditional model, w = 0 the unconditional one;
+    for other w the conditional and unconditional inputs go through the network in one batch, two evaluations.
+    `conditioning` says which keys of cond are dropped (deepgm.conditioning) and what their null values are."""
+
+    def __init__(self, denoiser: nn.Module, weight: float, conditioning):
+        super().__init__()
+        weight = float(weight)
+        if not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"guidance weight must be a finite number >= 0, got {weight}")
+        if not conditioning.guidable:
+            raise ValueError("classifier-free guidance needs a conditional model (class labels or text); this "
+                             "model has no condition to drop")
+        self.denoiser, self.weight, self.conditioning = denoiser, weight, conditioning
+        self.schedule = denoiser.schedule
+        inner = getattr(denoiser, "evaluations", 1)
+        self.evaluations = inner if weight in (0.0, 1.0) else 2 * inner
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, **cond) -> Prediction:
+        if not cond:
+            raise ValueError("guidance needs the condition of each sample (e.g. y=labels)")
+        null = self.conditioning.null(cond)
+        if self.weight == 1.0:
+            return self.denoiser(x, t, **cond)
+        if self.weight == 0.0:
+            return self.denoiser(x, t, **null)
+        t = torch.as_tensor(t, device=x.device, dtype=torch.float64)
+        t2 = t if t.dim() == 0 else torch.cat([t, t])
+        both = {key: torch.cat([cond[key], null[key]]) for key in cond}
+        pred = self.denoiser(torch.cat([x, x]), t2, **both)  # (2B, ...): conditional, then unconditional
+        x0_c, x0_u = pred.x0.chunk(2)
+        eps_c, eps_u = pred.eps.chunk(2)
+        w = self.weight
+        return Prediction(x0_u + w * (x0_c - x0_u), eps_u + w * (eps_c - eps_u))

@@ -26,7 +26,7 @@ from deepgm.diffusion.grids import smallest_time
 from deepgm.diffusion.losses import noise_data, prior_kl
 from deepgm.diffusion.schedules import Schedule
 from deepgm.diffusion.weighting import log_snr_range, stratified_uniform
-from deepgm.likelihood import LOG_2PI, bits_per_dim, dequantized_to_discrete_nll, discretized_gaussian_log_prob
+from deepgm.likelihood import LOG_2PI, NLL, bits_per_dim, dequantized_to_discrete_nll, discretized_gaussian_log_prob
 
 DIVERGENCES = ("exact", "hutchinson")
 PROBES = ("rademacher", "gaussian")
@@ -140,23 +140,6 @@ def dequantize(x: torch.Tensor, levels: int, generator: torch.Generator | None =
     half = 1.0 / (levels - 1)
     u = torch.rand(x.shape, generator=generator, device=x.device, dtype=torch.float64)
     return x.double() + (2 * u - 1) * half
-
-
-@dataclass
-class NLL:
-    """Per-example negative log-likelihoods (nats) and bits/dim, the network evaluations per example, and a note."""
-
-    nats: torch.Tensor
-    bpd: torch.Tensor
-    nfe: int
-    note: str
-
-    def summary(self) -> dict:
-        """Mean bits/dim with a 95% normal interval over examples."""
-        n = len(self.bpd)
-        ci = 1.96 * float(self.bpd.std()) / math.sqrt(n) if n > 1 else float("nan")
-        return {"bpd": float(self.bpd.mean()), "bpd_ci95": ci, "nats": float(self.nats.mean()), "n": n,
-                "nfe": self.nfe, "note": self.note}
 
 
 def ode_nll(denoiser, x0: torch.Tensor, levels: int | None = None, cond: dict | None = None,

@@ -1,24 +1,20 @@
 """Samplers: plain functions (denoiser, times, x_T, generator) -> x_0 over a decreasing time grid.
 
+`deepgm.diffusion.sampling.sample` runs them (grids, calibration, NFE counting); this module holds only the methods.
+
 Every sampler speaks in alpha/sigma of the denoiser's schedule, so it runs on any schedule, and
 takes any grid that ends exactly at t = 0 (where alpha = 1, sigma = 0 and x equals the x0 estimate).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import numpy
 import torch
-from tqdm.auto import tqdm
 
-from deepgm.diffusion.calibration import Calibration, calibrate
-from deepgm.diffusion.denoiser import Thresholded, expand_like
-from deepgm.diffusion.grids import CALIBRATED, make_grid
+from deepgm.diffusion.denoiser import expand_like
 from deepgm.diffusion.schedules import Schedule, posterior, transition
 
 Callback = Callable[[int, torch.Tensor, torch.Tensor], None]  # (step index, t, x after the step)
@@ -446,125 +442,6 @@ def pc(denoiser, times: torch.Tensor, x: torch.Tensor, generator=None, cond=None
 SAMPLERS: dict[str, Callable] = {"ddpm": ddpm, "ddim": ddim, "euler": euler, "heun": heun, "rk45": rk45,
                                  "dpmpp-2m": dpmpp_2m, "dpmpp-3m": dpmpp_3m, "euler-maruyama": euler_maruyama,
                                  "pc": pc, "trig-abm": trig_abm, "deis": deis}
-# sampler="auto": the calibration's pilot chooses among these, each on its own candidate grids and options. On
-# the exact mixture denoisers of benchmarks/sampler_accuracy.py trig-abm is the most accurate at NFE 6-20; on
-# trained digits networks (benchmarks/digits_grids.py) DEIS or DPM-Solver++ is, and no fixed choice serves both.
-# The first is used, on the trig grid, where no pilot runs (fewer than 3 or more than MOST_STEPS steps).
-AUTO, AUTO_SAMPLERS = "auto", ("trig-abm", "deis", "dpmpp-2m")
-# The defaults of `sample`: the sampler chosen for the model on a grid calibrated to it; the other samplers keep
-# fixed grids unless asked.
-DEFAULT_SAMPLER, DEFAULT_GRID = AUTO, "trig"
-DEFAULT_GRIDS = {"ddpm": "uniform", "ddim": "uniform", "trig-abm": CALIBRATED, AUTO: CALIBRATED}
 # the samplers a grid can be calibrated for
 ODE_SAMPLERS = ("ddim", "euler", "heun", "dpmpp-2m", "dpmpp-3m", "deis", "trig-abm")
 STANDARD_ARGS = ("denoiser", "times", "x", "generator", "cond", "callback")
-
-
-def available_samplers() -> list[str]:
-    """The samplers' names, and "auto" (the calibration chooses one)."""
-    return [*sorted(SAMPLERS), AUTO]
-
-
-class _CountingDenoiser(torch.nn.Module):
-    """Counts network evaluations so every sampler reports its NFE honestly."""
-
-    def __init__(self, denoiser):
-        super().__init__()
-        self.inner = denoiser
-        self.schedule = denoiser.schedule
-        self.nfe = 0
-
-    def forward(self, x, t, **cond):
-        self.nfe += 1
-        return self.inner(x, t, **cond)
-
-
-@dataclass
-class SampleOutput:
-    """Samples x (at t=0), the number of network evaluations, and optionally the trajectory."""
-
-    x: torch.Tensor
-    nfe: int
-    times: torch.Tensor
-    trajectory: list[torch.Tensor] = field(default_factory=list)
-    calibration: Calibration | None = None  # the calibrated grid's choice and pilot cost, if one was used
-
-
-@torch.no_grad()
-def sample(denoiser, schedule: Schedule | None = None, shape: tuple[int, ...] | None = None,
-           sampler: str = DEFAULT_SAMPLER, steps: int = 50, generator: torch.Generator | None = None,
-           x_T: torch.Tensor | None = None, times: torch.Tensor | None = None, grid: str | None = None,
-           cond: dict | None = None, progress: bool = False,
-           return_trajectory: bool = False, device=None, dtype=torch.float32, **options) -> SampleOutput:
-    """Draw samples: x_T ~ N(0, prior_std^2 I), then `sampler` over a `grid` of `steps` steps.
-
-    `schedule` defaults to (and must be) the denoiser's; `grid` names a grid of deepgm.diffusion.grids
-    ('uniform', 'log-snr', 'karras', 'trig', or 'calibrated' for the ODE samplers; default: 'uniform' for the
-    discrete-time samplers ddpm and ddim, which then keep integer timesteps, 'calibrated' for trig-abm, else
-    'trig'); `times` overrides it; `options` go to the sampler (e.g. eta for DDIM, rtol/atol for rk45). NFE is
-    counted here, whatever the sampler does. A calibrated grid (deepgm.diffusion.calibration) is made once per
-    denoiser, sampler, steps, options and sample shape, and cached on the denoiser; its pilot evaluations are
-    reported in `calibration.pilot_nfe`, apart from the per-sample `nfe`. The default, sampler='auto', lets the
-    calibration choose among AUTO_SAMPLERS too; `calibration.sampler` says which ran.
-    """
-    schedule = schedule or denoiser.schedule
-    if schedule is not denoiser.schedule:
-        raise ValueError("schedule differs from the denoiser's; the grid must come from the schedule it predicts for")
-    if sampler == AUTO:
-        if options or times is not None or grid not in (None, CALIBRATED):
-            raise ValueError("sampler='auto' chooses the sampler, its options and a grid calibrated to the model; "
-                             "to set options, a grid or times, name the sampler (e.g. sampler='deis')")
-    elif sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of {available_samplers()}")
-    else:
-        allowed = [name for name in inspect.signature(SAMPLERS[sampler]).parameters if name not in STANDARD_ARGS]
-        unknown = sorted(set(options) - set(allowed))
-        if unknown:
-            raise ValueError(f"unknown option(s) {unknown} for sampler {sampler!r}; it takes {allowed or 'none'}")
-    if x_T is None:
-        if shape is None:
-            raise ValueError("give either shape or x_T")
-        x_T = schedule.prior_std() * torch.randn(shape, generator=generator, device=device, dtype=dtype)
-    calibration = None
-    if times is None:
-        grid = grid or DEFAULT_GRIDS.get(sampler, DEFAULT_GRID)
-        if grid == CALIBRATED:
-            calibration = _calibrated(denoiser, sampler, steps, x_T, cond, options)
-            times, options = calibration.times, {**options, **calibration.options}
-            sampler = calibration.sampler
-        else:
-            times = make_grid(grid, schedule, steps)
-    times = torch.as_tensor(times, dtype=torch.float64)
-    if times.dim() != 1 or len(times) < 2 or not bool((times[1:] < times[:-1]).all()) or float(times[-1]) != 0.0:
-        raise ValueError("times must be a strictly decreasing 1-D grid that ends exactly at 0")
-    counted = _CountingDenoiser(denoiser)
-    trajectory = [x_T] if return_trajectory else []
-    bar = tqdm(total=len(times) - 1, desc=f"sampling ({sampler})", disable=not progress, leave=False)
-
-    def callback(i, t, x):
-        bar.update(1)
-        if return_trajectory:
-            trajectory.append(x)
-
-    x = SAMPLERS[sampler](counted, times.to(x_T.device), x_T, generator=generator, cond=cond, callback=callback,
-                          **options)
-    if isinstance(denoiser, Thresholded):  # its x0 lies in [-1, 1]; a last step that corrects x0 (trig-abm) can leave
-        x = x.clamp(-1, 1)
-    bar.close()
-    return SampleOutput(x=x, nfe=counted.nfe, times=times, trajectory=trajectory, calibration=calibration)
-
-
-def _calibrated(denoiser, sampler: str, steps: int, x_T: torch.Tensor, cond: dict | None, options: dict):
-    """The calibrated grid for these settings: from the denoiser's cache, else made now (pilot_nfe > 0) and kept."""
-    if sampler != AUTO and sampler not in ODE_SAMPLERS:
-        raise ValueError(f"the calibrated grid is for the ODE samplers {list(ODE_SAMPLERS)}, not {sampler!r}; "
-                         "give the grid explicitly (e.g. grid='trig')")
-    cache = denoiser.__dict__.setdefault("_calibrated_grids", {})
-    # parameter versions: in-place optimiser (and EMA) steps bump them, so a model trained on is calibrated afresh
-    weights = tuple(p._version for p in denoiser.parameters())
-    key = (sampler, steps, tuple(sorted(options.items())), tuple(x_T.shape[1:]), x_T.dtype, str(x_T.device), weights)
-    if key in cache:
-        return dataclasses.replace(cache[key], pilot_nfe=0)
-    cache[key] = calibrate(denoiser, sampler, steps, tuple(x_T.shape[1:]), cond=cond, device=x_T.device,
-                           dtype=x_T.dtype, **options)
-    return cache[key]

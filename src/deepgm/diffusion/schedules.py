@@ -159,29 +159,3 @@ def posterior(schedule: Schedule, t: torch.Tensor, s: torch.Tensor):
     c_x0 = alpha_s * sigma2_ts / sigma_t**2
     c_xt = alpha_ts * sigma_s**2 / sigma_t**2
     return c_x0, c_xt, sigma2_ts * sigma_s**2 / sigma_t**2
-
-
-def _continuous(class_name: str):
-    """A constructor for a continuous-time schedule of deepgm.diffusion.sde, imported on first use."""
-
-    def make(**options) -> Schedule:
-        from deepgm.diffusion import sde
-
-        return getattr(sde, class_name)(**options)
-
-    return make
-
-
-SCHEDULES = {"linear": DiscreteVP.linear, "cosine": DiscreteVP.cosine, "vp": _continuous("VPSDE"),
-             "subvp": _continuous("SubVPSDE"), "ve": _continuous("VESDE"), "edm": _continuous("EDMSchedule"),
-             "cosine-vp": _continuous("CosineVP"), "learned": _continuous("LearnedSchedule")}
-
-
-def make_schedule(name: str, **options) -> Schedule:
-    """A schedule by name, e.g. make_schedule('cosine', T=1000)."""
-    if name not in SCHEDULES:
-        raise ValueError(f"unknown schedule {name!r}; choose one of {sorted(SCHEDULES)}")
-    try:
-        return SCHEDULES[name](**options)
-    except TypeError as err:
-        raise ValueError(f"bad options for schedule {name!r}: {err}") from None

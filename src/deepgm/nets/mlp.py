@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from deepgm.conditioning import Conditioning, ContextReader
 from deepgm.nets.embeddings import TimeEmbedding
 
 
@@ -23,25 +24,26 @@ class _ResidualBlock(nn.Module):
 
 
 class MLP(nn.Module):
-    """eps/x0/v network for vectors: (x_t (B, D), t (B,)) -> (B, D)."""
+    """eps/x0/v network for vectors: (x_t (B, D), t (B,), **cond) -> (B, D); vector conditions (class labels)
+    are added to the time embedding."""
 
     def __init__(self, dim: int, width: int = 128, depth: int = 3, time_dim: int = 64,
-                 num_classes: int | None = None):
+                 conditioning: Conditioning | None = None):
         super().__init__()
         self.time = TimeEmbedding(time_dim)
         self.inp = nn.Linear(dim, width)
         self.blocks = nn.ModuleList(_ResidualBlock(width, self.time.out_dim) for _ in range(depth))
         self.out = nn.Sequential(nn.LayerNorm(width), nn.SiLU(), nn.Linear(width, dim))
-        self.num_classes = num_classes
-        # the extra row is the "no label" token used by classifier-free guidance
-        self.label = nn.Embedding(num_classes + 1, self.time.out_dim) if num_classes else None
+        self.conditioning = conditioning or Conditioning()
+        if any(c.kind != "vector" for c in self.conditioning.conditions.values()):
+            raise ValueError("the MLP reads vector conditions (class labels) only")
+        self.context = ContextReader(self.conditioning, self.time.out_dim)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
         emb = self.time(t.expand(x.shape[0]) if t.dim() == 0 else t)
-        if self.label is not None:
-            if y is None:
-                y = torch.full((x.shape[0],), self.num_classes, device=x.device, dtype=torch.long)
-            emb = emb + self.label(y)
+        context = self.context(cond, x.shape[0])
+        if context.vector is not None:
+            emb = emb + context.vector
         h = self.inp(x)
         for block in self.blocks:
             h = block(h, emb)

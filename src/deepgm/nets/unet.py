@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deepgm.conditioning import Conditioning, ContextReader
 from deepgm.nets.embeddings import TimeEmbedding
 
 
@@ -113,12 +114,16 @@ class EmbSequential(nn.ModuleList):
 
 
 class UNet(nn.Module):
-    """eps/x0/v network for images: (x_t (B, C, H, W), t (B,)) -> (B, C_out, H, W)."""
+    """eps/x0/v network for images: (x_t (B, C, H, W), t (B,), **cond) -> (B, C_out, H, W).
+
+    `conditioning` names what the network reads from cond (deepgm.conditioning): vector conditions (class labels)
+    are added to the time embedding, image conditions are concatenated to x_t.
+    """
 
     def __init__(self, in_channels: int = 1, out_channels: int | None = None, channels: int = 64,
                  channel_mult: tuple[int, ...] = (1, 2), num_res_blocks: int = 2,
                  attention_resolutions: tuple[int, ...] = (), image_size: int = 8, dropout: float = 0.0,
-                 num_classes: int | None = None, num_heads: int = 4, cond_channels: int = 0):
+                 conditioning: Conditioning | None = None, num_heads: int = 4):
         super().__init__()
         levels = len(channel_mult)
         if levels == 0:
@@ -131,11 +136,11 @@ class UNet(nn.Module):
             raise ValueError(f"attention_resolutions={tuple(attention_resolutions)} must be among the "
                              f"feature-map sizes {resolutions} of this U-Net")
         self.in_channels, self.out_channels = in_channels, out_channels or in_channels
-        self.num_classes, self.cond_channels = num_classes, cond_channels
+        self.conditioning = conditioning or Conditioning()
+        cond_channels = sum(c.channels for c in self.conditioning.conditions.values() if c.kind == "image")
         self.time = TimeEmbedding(channels)
         emb_dim = self.time.out_dim
-        # the extra row is the "no label" token used by classifier-free guidance
-        self.label = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
+        self.context = ContextReader(self.conditioning, emb_dim)
 
         def res(i: int, o: int) -> ResBlock:
             return ResBlock(i, o, emb_dim, dropout)
@@ -165,34 +170,17 @@ class UNet(nn.Module):
                 self.up.append(EmbSequential(layers))
         self.out = nn.Sequential(_norm(ch), nn.SiLU(), _zero(nn.Conv2d(ch, self.out_channels, 3, padding=1)))
 
-    def _embed(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-        """Time embedding plus (optionally) the class embedding, shape (B, emb_dim)."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
         b = x.shape[0]
+        context = self.context(cond, b)
+        if context.image is not None:
+            if context.image.shape[2:] != x.shape[2:]:
+                raise ValueError(f"the conditioning image is {tuple(context.image.shape[2:])}, x_t is "
+                                 f"{tuple(x.shape[2:])}; upsample it to the size of x_t")
+            x = torch.cat([x, context.image.to(x.dtype)], dim=1)  # (B, C + C_cond, H, W)
         emb = self.time(t.reshape(1).expand(b) if t.numel() == 1 else t)
-        if self.label is None:
-            if y is not None:
-                raise ValueError("y was given but this UNet was built with num_classes=None")
-            return emb
-        if y is None:
-            y = torch.full((b,), self.num_classes, device=x.device, dtype=torch.long)
-        elif not torch.compiler.is_compiling() and (y.min() < 0 or y.max() > self.num_classes):
-            raise ValueError(f"labels must lie in [0, {self.num_classes}] (index {self.num_classes} "
-                             f"means 'no label'); got values in [{int(y.min())}, {int(y.max())}]")
-        return emb + self.label(y)
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
-                cond_image: torch.Tensor | None = None) -> torch.Tensor:
-        if self.cond_channels:
-            if cond_image is None:
-                raise ValueError(f"this UNet has cond_channels={self.cond_channels}: pass cond_image "
-                                 f"of shape (B, {self.cond_channels}, H, W)")
-            if cond_image.shape != (x.shape[0], self.cond_channels, *x.shape[2:]):
-                raise ValueError(f"cond_image has shape {tuple(cond_image.shape)}, expected "
-                                 f"{(x.shape[0], self.cond_channels, *x.shape[2:])}")
-            x = torch.cat([x, cond_image], dim=1)  # (B, C + C_cond, H, W)
-        elif cond_image is not None:
-            raise ValueError("cond_image was given but this UNet was built with cond_channels=0")
-        emb = self._embed(x, t, y)
+        if context.vector is not None:
+            emb = emb + context.vector
         h = self.inp(x)
         hs = [h]
         for block in self.down:

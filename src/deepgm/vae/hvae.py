@@ -334,7 +334,7 @@ class HVAE(LatentVariableModel):
         return total
 
     @torch.no_grad()
-    def generate(self, n: int, generator: torch.Generator | None = None, cond: dict | None = None,
+    def draw(self, n: int, generator: torch.Generator | None = None, cond: dict | None = None,
                  fixed: list[torch.Tensor] | None = None, temperature: float = 1.0, mean: bool = False) -> torch.Tensor:
         """n draws from the prior hierarchy; `fixed` holds z of the top groups to keep (each (n, d_l))."""
         out = self.top_down(None, n, generator, fixed, temperature)

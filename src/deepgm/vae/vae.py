@@ -18,7 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deepgm.likelihood import LOG_2PI, bits_per_dim, normal_kl
+from deepgm.conditioning import ClassLabel, Conditioning
+from deepgm.family import SampleOutput
+from deepgm.likelihood import LOG_2PI, NLL, bits_per_dim, normal_kl
 from deepgm.nets.pixelcnn import PixelCNN
 from deepgm.vae.heads import Head, soft_clamp
 
@@ -258,8 +260,67 @@ class LatentVariableModel(nn.Module):
         log_w = torch.cat(parts, dim=1)  # (B, k)
         return torch.logsumexp(log_w, dim=1) - math.log(k)
 
-    def generate(self, n: int, generator: torch.Generator | None = None, cond: dict | None = None) -> torch.Tensor:
+    def draw(self, n: int, generator: torch.Generator | None = None, cond: dict | None = None) -> torch.Tensor:
         raise NotImplementedError
+
+    # -- the model-family protocol (deepgm.family)
+    BOUNDS = {"iwae": "IWAE_k"}
+    NLL_BOUNDS = ("iwae",)
+
+    @property
+    def conditioning(self) -> Conditioning:
+        return Conditioning([ClassLabel(self.num_classes)]) if self.num_classes else Conditioning()
+
+    @property
+    def available_bounds(self) -> tuple[str, ...]:
+        return self.NLL_BOUNDS
+
+    @torch.no_grad()
+    def generate(self, n: int, cond: dict, generator: torch.Generator | None, plan=None) -> SampleOutput:
+        """n ancestral draws x ~ p(x | z [, y]), z ~ p(z); the plan's sampler settings do not apply."""
+        if plan is not None and plan.guidance != 1:
+            raise ValueError("guidance is for diffusion models; a VAE samples its prior ancestrally")
+        x = self.draw(n, generator, cond or None)
+        return SampleOutput(x=x, nfe=self.sampling_nfe, cond=dict(cond or {}))
+
+    def likelihoods(self, test, bounds: tuple[str, ...] | None = None, n: int | None = None, seed: int = 0,
+                    progress: bool = False, options: dict | None = None) -> dict[str, dict]:
+        """{'iwae': -IWAE_k (Burda et al. 2016) per test example as bits/dim with a 95% interval, with the ELBO, KL
+        and active units beside it}; options: k (importance samples, default 1000)."""
+        from deepgm.vae.diagnostics import active_units, elbo_stats, iwae_per_example, posterior_means
+
+        unknown = sorted(set(bounds or ()) - set(self.BOUNDS))
+        if unknown:
+            raise ValueError(f"unknown bound(s) {unknown} for a {type(self).__name__}; it has {sorted(self.BOUNDS)}")
+        k = int((options or {}).get("k", 1000))
+        nats = -iwae_per_example(self, test, k, n, seed)
+        note = f"importance-weighted bound IWAE_{k} (Burda et al. 2016) of a {type(self).__name__}; " \
+               f"{self.head.describe()}"
+        summary = NLL(nats=nats, bpd=bits_per_dim(nats, self.dims), nfe=k, note=note).summary()
+        stats = elbo_stats(self, test, n, seed)
+        active = active_units(posterior_means(self, test, n, seed, samples=10))[0]
+        summary.update(bound=f"IWAE_{k}", elbo_bpd=stats["elbo_bpd"], kl_nats=stats["kl_nats"],
+                       active_units=f"{active}/{self.latent_dim}")
+        return {"iwae": summary}
+
+    def evaluate(self, test, spec: dict, seed: int = 0, progress: bool = False) -> dict:
+        """eval.json's VAE entries: test NLL from IWAE_k (k = eval.iwae_k), ELBO terms, active units, I_q(x; z)."""
+        from deepgm.vae.diagnostics import diagnose
+
+        k = int(spec.get("iwae_k", 100))
+        d = diagnose(self, test, seed=seed, k=k, mi_examples=500)
+        return {"test_bpd": d["nll_bpd"], "test_bpd_ci95": d["nll_bpd_ci95"], "test_nll_nats": d["nll_nats"],
+                "bpd_examples": d["examples"], "bpd_levels": test.levels, "iwae_k": k,
+                "bpd_note": f"-IWAE_{k} on the test split; {self.head.describe()}",
+                **{key: d[key] for key in ("elbo_nats", "elbo_bpd", "rec_nats", "kl_nats", "kl_per_group",
+                                           "active_units", "active_units_per_group", "latent_dim",
+                                           "mutual_information")}}
+
+    def pictures(self, test, out_dir, seed: int = 0) -> list:
+        """Reconstructions, prior samples, a latent scatter, interpolations (and a hierarchy's fixed top groups)."""
+        from deepgm.vae.pictures import vae_pictures
+
+        return vae_pictures(self, test, out_dir, seed)
 
     @property
     def sampling_nfe(self) -> int:
@@ -417,7 +478,7 @@ class VAE(LatentVariableModel):
         return x
 
     @torch.no_grad()
-    def generate(self, n: int, generator: torch.Generator | None = None, cond: dict | None = None,
+    def draw(self, n: int, generator: torch.Generator | None = None, cond: dict | None = None,
                  z: torch.Tensor | None = None, mean: bool = False) -> torch.Tensor:
         """n draws x ~ p(x | z, y), z ~ N(0, I) (or the given z); a conditional model cycles through the
         classes unless cond={"y": labels}. mean=True returns E[x | z] (for a PixelCNN, a greedy chain)."""

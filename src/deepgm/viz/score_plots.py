@@ -13,7 +13,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from deepgm.diffusion.likelihood import ode_log_likelihood  # noqa: E402
-from deepgm.diffusion.samplers import sample  # noqa: E402
+from deepgm.diffusion.sampling import sample  # noqa: E402
 
 
 def _square(ax, lim: float) -> None:
@@ -125,35 +125,3 @@ def score_pictures(denoiser, out_dir: str | Path, data: torch.Tensor, true_log_p
             plot_trajectories(denoiser, out_dir / "sde_vs_ode_trajectories.png", data, seed=seed, lim=lim + 0.5),
             plot_ode_density(denoiser, out_dir / "ode_density.png", data, lim=lim, n=density_points,
                              true_log_prob=true_log_prob, rtol=density_tol, atol=density_tol)]
-
-
-def toy_run_pictures(run, out_dir: str | Path, seed: int = 0, density_points: int = 40,
-                     density_tol: float = 1e-4) -> list[Path]:
-    """The three pictures of a loaded 2-D run (deepgm.pipeline.Run) over its test split, for `deepgm eval`;
-    for a toy mixture the analytic density is drawn next to the ODE model's. The defaults keep the density
-    (one adaptive ODE solve with the exact divergence over all grid points) to seconds on a CPU."""
-    from deepgm.data.toy import make_mixture
-    from deepgm.pipeline import load_data
-
-    if run.data.shape != (2,):
-        raise ValueError(f"score pictures need 2-D data, got shape {run.data.shape}")
-    spec = {k: v for k, v in run.config["data"].items() if k not in ("name", "n")}
-    truth = make_mixture(spec.pop("mixture", "ring"), **spec).log_prob if run.config["data"]["name"] == "toy" else None
-    test = load_data(run.config, "test")
-    lim = float(test.x.abs().max()) + 0.3
-    return score_pictures(run.model.denoiser, out_dir, test.x, truth, lim=lim, seed=seed,
-                          density_points=density_points, density_tol=density_tol)
-
-
-def run_pictures(run_dir: str | Path, seed: int = 0) -> list[Path]:
-    """The three pictures of a trained 2-D run directory, at full resolution, into the run directory."""
-    from deepgm.pipeline import load_run
-
-    return toy_run_pictures(load_run(run_dir), run_dir, seed, density_points=90, density_tol=1e-5)
-
-
-if __name__ == "__main__":
-    import sys
-
-    for p in run_pictures(sys.argv[1]):
-        print(p)

@@ -1,0 +1,235 @@
+"""Conditions with owners: each key of `cond` has one object that takes it from a batch, knows its null value,
+drops it for classifier-free guidance, says what n samples are conditioned on, and builds the network's reader.
+
+A model's `Conditioning` is the set of its conditions. Networks turn `cond` into one `Context` (a vector added to
+the time embedding, tokens for cross-attention, an image concatenated to the input), so a new condition is a new
+`Condition` subclass and, at most, a new kind of block that reads the context.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Context:
+    """What the network reads from `cond`: vector (B, E) added to the time embedding, image (B, C, H, W)
+    concatenated to x_t; tokens (B, L, D) with mask (B, L) for cross-attention."""
+
+    vector: torch.Tensor | None = None
+    image: torch.Tensor | None = None
+    tokens: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+
+
+class Condition:
+    """One key of `cond`. Subclasses set `key`, `kind` ('vector', 'image' or 'tokens') and `droppable` (whether
+    classifier-free guidance drops it), and implement the methods below."""
+
+    key: str = ""
+    kind: str = "vector"
+    droppable: bool = True
+
+    def from_batch(self, batch: dict) -> torch.Tensor:
+        """The condition's value for a training batch."""
+        if self.key not in batch:
+            raise ValueError(f"the model is conditioned on {self.key!r} but the batch has only {sorted(batch)}")
+        return batch[self.key]
+
+    def null(self, value: torch.Tensor) -> torch.Tensor:
+        """The "no condition" value of the same batch size as `value`."""
+        raise NotImplementedError
+
+    def drop(self, value: torch.Tensor, p: float, generator: torch.Generator | None) -> torch.Tensor:
+        """Replace each example's value by the null value with probability p."""
+        if p <= 0 or not self.droppable:
+            return value
+        drop = torch.rand(value.shape[:1], generator=generator, device=value.device) < p  # (B,)
+        return torch.where(drop.reshape(-1, *([1] * (value.dim() - 1))), self.null(value), value)
+
+    def for_samples(self, start: int, n: int, device=None) -> torch.Tensor:
+        """The default value for samples start, ..., start + n - 1 (depends on the sample's index only)."""
+        raise NotImplementedError
+
+    def reader(self, dim: int) -> nn.Module:
+        """The network module that maps a value to this condition's part of the Context (width `dim`)."""
+        raise NotImplementedError
+
+    def check(self, value: torch.Tensor, batch: int) -> None:
+        """A clear error for a value of the wrong size or range."""
+        if value.shape[0] != batch:
+            raise ValueError(f"cond[{self.key!r}] has {value.shape[0]} entries for a batch of {batch}")
+
+    def spec(self) -> dict:
+        """What config.yaml records to rebuild this condition."""
+        raise NotImplementedError
+
+
+class _LabelEmbedding(nn.Embedding):
+    """Class embedding whose last row is the "no label" token."""
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return super().forward(y.long())
+
+
+class ClassLabel(Condition):
+    """An integer class y in [0, K); K itself is the "no label" token of classifier-free guidance."""
+
+    key, kind = "y", "vector"
+
+    def __init__(self, num_classes: int):
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.num_classes = int(num_classes)
+
+    def null(self, value: torch.Tensor) -> torch.Tensor:
+        return torch.full_like(value, self.num_classes)
+
+    def for_samples(self, start: int, n: int, device=None) -> torch.Tensor:
+        return torch.arange(start, start + n, device=device) % self.num_classes  # the classes in turn
+
+    def reader(self, dim: int) -> nn.Module:
+        return _LabelEmbedding(self.num_classes + 1, dim)
+
+    def check(self, value: torch.Tensor, batch: int) -> None:
+        super().check(value, batch)
+        if value.dtype.is_floating_point or value.dim() != 1:
+            raise ValueError(f"class labels must be a 1-D integer tensor, got {value.dtype} of shape "
+                             f"{tuple(value.shape)}")
+        if not torch.compiler.is_compiling() and len(value) and (value.min() < 0 or value.max() > self.num_classes):
+            raise ValueError(f"labels must lie in [0, {self.num_classes}] (index {self.num_classes} means 'no "
+                             f"label'); got values in [{int(value.min())}, {int(value.max())}]")
+
+    def spec(self) -> dict:
+        return {"kind": "class", "num_classes": self.num_classes}
+
+
+class ImageCondition(Condition):
+    """An image concatenated to the network's input channels (e.g. an upsampled low-resolution image);
+    never dropped by guidance; its null value is zeros."""
+
+    kind, droppable = "image", False
+
+    def __init__(self, channels: int, key: str = "cond_image"):
+        self.channels, self.key = int(channels), key
+
+    def null(self, value: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(value)
+
+    def for_samples(self, start: int, n: int, device=None) -> torch.Tensor:
+        raise ValueError(f"samples of a model conditioned on an image need cond[{self.key!r}] given explicitly")
+
+    def reader(self, dim: int) -> nn.Module:
+        return nn.Identity()
+
+    def check(self, value: torch.Tensor, batch: int) -> None:
+        super().check(value, batch)
+        if value.dim() != 4 or value.shape[1] != self.channels:
+            raise ValueError(f"cond[{self.key!r}] must have shape (B, {self.channels}, H, W), got "
+                             f"{tuple(value.shape)}")
+
+    def spec(self) -> dict:
+        return {"kind": "image", "channels": self.channels, "key": self.key}
+
+
+CONDITIONS = {"class": lambda s: ClassLabel(s["num_classes"]),
+              "image": lambda s: ImageCondition(s["channels"], s.get("key", "cond_image"))}
+
+
+class Conditioning:
+    """The conditions of one model, by key (possibly none)."""
+
+    def __init__(self, conditions: list[Condition] | tuple[Condition, ...] = ()):
+        self.conditions = {c.key: c for c in conditions}
+        if len(self.conditions) != len(conditions):
+            raise ValueError("two conditions share a key")
+
+    def __bool__(self) -> bool:
+        return bool(self.conditions)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.conditions
+
+    def __getitem__(self, key: str) -> Condition:
+        return self.conditions[key]
+
+    @property
+    def keys(self) -> list[str]:
+        return list(self.conditions)
+
+    @property
+    def guidable(self) -> bool:
+        """Whether classifier-free guidance has anything to drop."""
+        return any(c.droppable for c in self.conditions.values())
+
+    def from_batch(self, batch: dict) -> dict[str, torch.Tensor]:
+        return {key: c.from_batch(batch) for key, c in self.conditions.items()}
+
+    def drop(self, cond: dict, p: float, generator: torch.Generator | None) -> dict[str, torch.Tensor]:
+        return {key: self.conditions[key].drop(v, p, generator) for key, v in cond.items()}
+
+    def null(self, cond: dict) -> dict[str, torch.Tensor]:
+        """cond with every droppable condition replaced by its null value (what guidance compares against)."""
+        return {key: self.conditions[key].null(v) if self.conditions[key].droppable else v for key, v in cond.items()}
+
+    def for_samples(self, start: int, n: int, device=None) -> dict[str, torch.Tensor]:
+        return {key: c.for_samples(start, n, device) for key, c in self.conditions.items()}
+
+    def check(self, cond: dict | None, batch: int) -> dict[str, torch.Tensor]:
+        """cond as a dict with known keys and well-formed values; missing keys get their null value only if
+        the condition has one that needs no example (the caller passes what it has)."""
+        cond = dict(cond or {})
+        unknown = sorted(set(cond) - set(self.conditions))
+        if unknown:
+            what = f"it takes {self.keys}" if self else "it is unconditional"
+            raise ValueError(f"this model has no condition(s) {unknown}; {what}")
+        for key, value in cond.items():
+            self.conditions[key].check(value, batch)
+        return cond
+
+    def spec(self) -> list[dict]:
+        return [c.spec() for c in self.conditions.values()]
+
+    @classmethod
+    def from_spec(cls, spec: list[dict] | None) -> Conditioning:
+        out = []
+        for s in spec or []:
+            if s.get("kind") not in CONDITIONS:
+                raise ValueError(f"unknown condition kind {s.get('kind')!r}; choose one of {sorted(CONDITIONS)}")
+            out.append(CONDITIONS[s["kind"]](s))
+        return cls(out)
+
+
+class ContextReader(nn.Module):
+    """Builds a network's Context from `cond`: the readers of the model's conditions, created once."""
+
+    def __init__(self, conditioning: Conditioning, dim: int):
+        super().__init__()
+        self.conditioning = conditioning
+        self.readers = nn.ModuleDict({key: c.reader(dim) for key, c in conditioning.conditions.items()})
+
+    def forward(self, cond: dict, batch: int) -> Context:
+        """Missing conditions read as their null value where one exists without an example (class labels)."""
+        cond = self.conditioning.check(cond, batch)
+        vector, images = None, []
+        for key, c in self.conditioning.conditions.items():
+            value = cond.get(key)
+            if value is None:
+                if c.kind == "image":
+                    raise ValueError(f"this network is conditioned on an image: pass {key}= of shape "
+                                     f"(B, {c.channels}, H, W)")
+                value = c.null(c.for_samples(0, batch, self.device))
+            out = self.readers[key](value)
+            if c.kind == "vector":
+                vector = out if vector is None else vector + out
+            elif c.kind == "image":
+                images.append(out)
+        return Context(vector=vector, image=torch.cat(images, dim=1) if images else None)
+
+    @property
+    def device(self):
+        p = next(self.parameters(), None)
+        return p.device if p is not None else None

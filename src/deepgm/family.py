@@ -1,0 +1,156 @@
+"""The small protocol every model family implements, and what it speaks in: a sampling plan and sample outputs.
+
+The run layer (deepgm.pipeline: run directories, loading, data) calls only these methods, so it knows no family by
+type; studies (deepgm.studies) sit above it. A family is a `torch.nn.Module` with:
+
+  conditioning                        deepgm.conditioning.Conditioning: the keys of `cond` it reads
+  loss(batch, generator)              -> (scalar loss, {term name: value}) for the trainer
+  generate(n, cond, generator, plan)  -> SampleOutput of n samples (cond: a value per sample, or {})
+  likelihoods(test, bounds, ...)      -> {bound: summary with bits/dim and its 95% interval}; BOUNDS names them
+  evaluate(test, spec, seed, ...)     -> the family's own entries of eval.json (its bound, diagnostics)
+  pictures(test, out_dir, seed)       -> PNGs of the family's processes (forward/reverse, reconstructions, ...)
+
+`generate_chunked` draws samples so that sample i depends only on (seed, i): noise comes per fixed chunk of
+CHUNK samples from a generator seeded by (seed, chunk index), and each chunk is generated on its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+CHUNK = 64  # samples per chunk: the unit of reproducible sampling (and the sampling batch)
+THRESHOLDS = ("none", "static", "dynamic")
+
+
+@dataclass
+class SampleOutput:
+    """Samples x (at t=0), network evaluations per sample, the time grid and optionally the trajectory.
+
+    nfe counts evaluations per sample: a guided step evaluates the conditional and the unconditional model, two."""
+
+    x: torch.Tensor
+    nfe: int
+    times: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+    trajectory: list[torch.Tensor] = field(default_factory=list)
+    calibration: object | None = None  # a calibrated grid's choice and pilot cost, if one was used
+    cond: dict = field(default_factory=dict)  # what the samples were conditioned on
+
+
+def parse_threshold(spec: str | None) -> tuple[str, float | None]:
+    """'none' | 'static' | 'dynamic' | 'dynamic:P' -> (kind, percentile); dynamic's default P is Imagen's 0.995."""
+    spec = "static" if spec is None else str(spec)
+    kind, _, rest = spec.partition(":")
+    if kind not in THRESHOLDS or (rest and kind != "dynamic"):
+        raise ValueError(f"threshold must be one of none, static, dynamic or dynamic:P (0 < P < 1), got {spec!r}")
+    if kind != "dynamic":
+        return kind, None
+    try:
+        p = float(rest) if rest else 0.995
+    except ValueError:
+        raise ValueError(f"threshold {spec!r}: the percentile after 'dynamic:' must be a number in (0, 1)") from None
+    if not 0 < p < 1:
+        raise ValueError(f"threshold {spec!r}: the percentile must lie in (0, 1), e.g. dynamic:0.995")
+    return kind, p
+
+
+@dataclass(frozen=True)
+class SamplingPlan:
+    """How to sample: sampler, steps and grid (diffusion), classifier-free guidance weight (1: the conditional
+    model, 0: the unconditional one) and x0 thresholding of images ('none', 'static', 'dynamic[:P]')."""
+
+    sampler: str = "auto"
+    steps: int = 50
+    grid: str | None = None
+    guidance: float = 1.0
+    threshold: str = "static"
+    options: tuple = ()  # sampler options as sorted (name, value) pairs, hashable
+    progress: bool = False
+    return_trajectory: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 1:
+            raise ValueError(f"steps must be a whole number >= 1, got {self.steps!r}")
+        w = float(self.guidance)
+        if not np.isfinite(w) or w < 0:
+            raise ValueError(f"guidance weight must be a finite number >= 0 (1: the conditional model, 0: the "
+                             f"unconditional one), got {self.guidance!r}")
+        parse_threshold(self.threshold)
+
+    @classmethod
+    def from_config(cls, section: dict, **overrides) -> SamplingPlan:
+        """A plan from a config's `sample:` or `eval:` section (`clip: false` is the older threshold: none),
+        with the given fields replaced where not None."""
+        threshold = section.get("threshold") or ("static" if section.get("clip", True) else "none")
+        plan = {"sampler": section.get("sampler", "auto"), "steps": int(section.get("steps", 50)),
+                "grid": section.get("grid"), "guidance": float(section.get("guidance", 1.0)), "threshold": threshold}
+        options = dict(section.get("options") or {})
+        options.update(overrides.pop("options", None) or {})
+        plan.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**plan, options=tuple(sorted(options.items())))
+
+    def replace(self, **changes) -> SamplingPlan:
+        return dataclasses.replace(self, **changes)
+
+    def describe(self) -> str:
+        """A short name for file names and tables, e.g. 'ddim-50steps-w3-dynamic0.995'."""
+        name = f"{self.sampler}-{self.steps}steps"
+        if self.guidance != 1:
+            name += f"-w{self.guidance:g}"
+        if self.threshold != "static":
+            name += "-" + self.threshold.replace(":", "")
+        return name
+
+
+@runtime_checkable
+class ModelFamily(Protocol):
+    """What the run layer may ask of a model (see the module notes)."""
+
+    conditioning: object
+    BOUNDS: dict
+
+    def loss(self, batch: dict, generator: torch.Generator): ...
+
+    def generate(self, n: int, cond: dict, generator: torch.Generator | None, plan: SamplingPlan) -> SampleOutput: ...
+
+    def likelihoods(self, test, bounds: tuple[str, ...] | None = None, n: int | None = None, seed: int = 0,
+                    progress: bool = False, **options) -> dict: ...
+
+    def evaluate(self, test, spec: dict, seed: int = 0, progress: bool = False) -> dict: ...
+
+    def pictures(self, test, out_dir, seed: int = 0) -> list: ...
+
+
+def chunk_generator(seed: int, chunk: int, device=None) -> torch.Generator:
+    """The generator of chunk `chunk` of a sampling job with `seed`: independent streams by (seed, chunk)."""
+    state = np.random.SeedSequence([int(seed) % 2**63, int(chunk)]).generate_state(2, dtype=np.uint32)
+    return torch.Generator(device=device).manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def generate_chunked(model: ModelFamily, n: int, seed: int, plan: SamplingPlan, cond: dict | None = None,
+                     device=None, chunk: int = CHUNK) -> SampleOutput:
+    """n samples, chunk by chunk: sample i is the same for any n, because its noise depends only on (seed, i).
+
+    Each chunk of `chunk` samples is generated whole with its own generator (seeded by (seed, chunk index)) and the
+    last one is cut to n: a partial chunk would draw its noise at other stream offsets. cond: a value per sample for
+    some keys of the model's conditioning; the other keys take each condition's default for the sample's index
+    (class labels in turn)."""
+    if n < 1:
+        raise ValueError(f"the number of samples must be >= 1, got {n}")
+    cond = model.conditioning.check(cond, n) if cond else {}
+    device = device or next(model.parameters()).device
+    outputs = []
+    for c, start in enumerate(range(0, n, chunk)):
+        index = torch.arange(start, start + chunk).clamp(max=n - 1)  # the cut chunk's extra rows repeat the last
+        part = {**(model.conditioning.for_samples(start, chunk, device) if model.conditioning else {}),
+                **{k: v[index].to(device) for k, v in cond.items()}}
+        outputs.append(model.generate(chunk, part, chunk_generator(seed, c, device), plan))
+    first = outputs[0]
+    cond_all = {k: torch.cat([o.cond[k] for o in outputs])[:n] for k in first.cond}
+    trajectory = ([torch.cat(steps)[:n] for steps in zip(*(o.trajectory for o in outputs), strict=True)]
+                  if first.trajectory else [])
+    return dataclasses.replace(first, x=torch.cat([o.x for o in outputs])[:n], trajectory=trajectory, cond=cond_all)

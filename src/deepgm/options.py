@@ -1,0 +1,23 @@
+"""Helpers every family's builder uses to read its `model:` section."""
+
+from __future__ import annotations
+
+from deepgm.conditioning import ClassLabel, Conditioning
+from deepgm.data.base import DataSpec
+
+
+def check_options(section: dict, allowed: set[str], where: str) -> dict:
+    """A copy of `section`, or a clear error naming its unknown keys and the valid ones."""
+    unknown = set(section) - allowed
+    if unknown:
+        raise ValueError(f"unknown key(s) {sorted(unknown)} in {where}; valid keys are {sorted(allowed)}")
+    return dict(section)
+
+
+def class_conditioning(spec: dict, data: DataSpec) -> Conditioning:
+    """The class label condition when `class_conditional` is set (and the data has labels), else none."""
+    if not spec.get("class_conditional", False):
+        return Conditioning()
+    if not data.num_classes:
+        raise ValueError(f"class_conditional needs a labelled dataset; {data.name!r} has no labels")
+    return Conditioning([ClassLabel(data.num_classes)])
