@@ -21,6 +21,7 @@ from deepgm.likelihood import bits_per_dim
 
 # the ODE density picture of 2-D runs: one adaptive solve with the exact divergence over a grid of points, seconds
 DENSITY_PICTURE = {"density_points": 40, "density_tol": 1e-4}
+REVERSE_PICTURE_STEPS = 1000  # ancestral steps of the reverse-process strip of a continuous-time model
 
 
 class DiffusionModel(nn.Module):
@@ -111,7 +112,8 @@ class DiffusionModel(nn.Module):
                     progress: bool = False, options: dict | None = None) -> dict[str, dict]:
         """Test-set bounds on -log p(x) in bits/dim with 95% intervals: 'vlb' (discrete bound, discrete
         schedules), 'elbo' (continuous ELBO) and 'ode' (probability-flow ODE NLL, uniformly dequantised).
-        options: divergence ('hutchinson' or 'exact'), probes, elbo_points (settings of other families ignored)."""
+        options: divergence ('hutchinson' or 'exact'), probes, rtol and atol (the ODE solver's), elbo_points
+        (settings of other families ignored)."""
         options = options or {}
         bounds = bounds or self.NLL_BOUNDS
         unknown = sorted(set(bounds) - set(self.BOUNDS))
@@ -129,6 +131,7 @@ class DiffusionModel(nn.Module):
             else:
                 out[bound] = ode_nll(self.denoiser, x0, test.levels, cond or None,
                                      options.get("divergence", "hutchinson"), int(options.get("probes", 1)),
+                                     rtol=float(options.get("rtol", 1e-5)), atol=float(options.get("atol", 1e-5)),
                                      generator=torch.Generator().manual_seed(seed)).summary()
             out[bound]["bound"] = self.BOUNDS[bound]
         return out
@@ -177,7 +180,7 @@ class DiffusionModel(nn.Module):
         forward = [noise_data(self.schedule, x0, t.expand(len(x0)), g)[0] for t in times]
         rows = [torch.stack([f[i] for f in forward]) for i in range(len(x0))]  # (9, C, H, W) per image
         paths = [save_strip(rows, out_dir / "forward_process.png", labels=[f"t={t:.2f}" for t in times.tolist()])]
-        plan = SamplingPlan("ddpm", min(self.schedule.T or 1000, 1000), return_trajectory=True)
+        plan = SamplingPlan("ddpm", self.schedule.T or REVERSE_PICTURE_STEPS, return_trajectory=True)
         cond = self.conditioning.for_samples(0, 6, next(self.parameters()).device) if self.conditioning else {}
         result = self.generate(6, cond, torch.Generator().manual_seed(seed), plan)
         keep = torch.linspace(0, len(result.trajectory) - 1, 9).round().long()
