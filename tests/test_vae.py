@@ -10,6 +10,7 @@ from torch import nn
 
 from deepgm.likelihood import normal_kl
 from deepgm.vae.heads import GaussianHead, make_head
+from deepgm.vae.objectives import RegularizedELBO
 from deepgm.vae.vae import VAE, MLPDecoder, MLPEncoder, gaussian_log_density
 
 D, LATENT, NOISE_VAR = 6, 2, 0.3
@@ -143,17 +144,26 @@ def test_kl_warmup_and_step_counter_live_in_the_checkpoint():
 
 
 def test_free_bits_per_dimension_and_per_group():
-    vae = VAE(MLPEncoder((4,), 2, hidden=8), MLPDecoder((4,), 2, 1, hidden=8), GaussianHead(0.0), 2, (4,),
-              free_bits=0.5)
+    objective = RegularizedELBO([2], free_bits=0.5)
     kl = torch.tensor([[0.1, 2.0], [0.3, 1.0]], requires_grad=True)  # batch means 0.2 and 1.5
-    penalty = vae.kl_penalty(kl)
+    penalty = objective.kl_penalty(kl)
     assert penalty.item() == pytest.approx(0.5 + 1.5)
     penalty.backward()
     assert kl.grad[:, 0].abs().sum() == 0 and torch.allclose(kl.grad[:, 1], torch.tensor([0.5, 0.5]))
-    vae.free_bits_mode = "group"  # one group of 2 units: max(0.5, 0.2 + 1.5)
-    assert vae.kl_penalty(kl).item() == pytest.approx(1.7)
-    vae.free_bits = 3.0
-    assert vae.kl_penalty(kl).item() == pytest.approx(3.0)
+    group = RegularizedELBO([2], free_bits=0.5, free_bits_mode="group")  # one group of 2 units: max(0.5, 0.2 + 1.5)
+    assert group.kl_penalty(kl).item() == pytest.approx(1.7)
+    assert RegularizedELBO([2], free_bits=3.0, free_bits_mode="group").kl_penalty(kl).item() == pytest.approx(3.0)
+    log_px_z = torch.tensor([-3.0, -5.0])
+    assert objective(log_px_z, kl, 0.5, dims=4).item() == pytest.approx((4.0 + 0.5 * 2.0) / 4)
+
+
+def test_the_vae_loss_is_its_objective_of_its_elbo_terms():
+    vae = VAE(MLPEncoder((4,), 2, hidden=8), MLPDecoder((4,), 2, 1, hidden=8), GaussianHead(0.0), 2, (4,),
+              beta=0.7, free_bits=0.1).eval()
+    batch = {"x": torch.randn(8, 4)}
+    loss, _ = vae.loss(batch, torch.Generator().manual_seed(0))
+    terms = vae.elbo_terms(batch, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(loss, vae.objective(terms["log_px_z"], terms["kl"], 0.7, 4))
 
 
 @pytest.mark.parametrize("head", ["discretized_logistic", "discretized_gaussian", "gaussian", "bernoulli"])

@@ -100,7 +100,7 @@ def test_training_report_has_a_kl_per_group_and_the_builder_checks_keys():
     assert {"kl_group0", "kl_group1", "kl_group2", "elbo_bpd", "kl_nats"} <= set(terms)
     total = sum(terms[f"kl_group{g}"] for g in range(3))
     assert total.item() == pytest.approx(terms["kl_nats"].item(), rel=1e-5)
-    assert math.isfinite(loss.item()) and model.free_bits_mode == "group"
+    assert math.isfinite(loss.item()) and model.objective.free_bits_mode == "group"
     with pytest.raises(ValueError, match="unknown key"):
         build_model({"kind": "hvae", "groups": 3}, data)
     with pytest.raises(ValueError, match="unknown HVAE encoder"):

@@ -97,7 +97,7 @@ def elbo_stats(model, data: Dataset, n: int | None = None, seed: int = 0, batch_
     kl_dim = kl.mean(0)
     return {"elbo_nats": float(elbo.mean()), "elbo_bpd": float(bits_per_dim(-elbo.mean(), model.dims)),
             "rec_nats": float(-rec.mean()), "kl_nats": float(kl.sum(1).mean()),
-            "kl_per_dim": kl_dim.tolist(), "kl_per_group": model._groups(kl_dim[None])[0].tolist()}
+            "kl_per_dim": kl_dim.tolist(), "kl_per_group": model.objective.groups(kl_dim[None])[0].tolist()}
 
 
 @torch.no_grad()

@@ -23,6 +23,7 @@ from deepgm.family import SampleOutput
 from deepgm.likelihood import LOG_2PI, NLL, bits_per_dim, normal_kl
 from deepgm.nets.pixelcnn import PixelCNN
 from deepgm.vae.heads import Head, soft_clamp
+from deepgm.vae.objectives import RegularizedELBO
 
 
 def one_hot(y: torch.Tensor | None, num_classes: int | None, like: torch.Tensor) -> torch.Tensor | None:
@@ -176,12 +177,11 @@ class PixelCNNDecoder(nn.Module):
 
 
 class LatentVariableModel(nn.Module):
-    """Shared objective of the VAEs: -ELBO with a KL weight beta_t = beta min(1, step / warmup_steps)
-    (Bowman et al. 2016; Higgins et al. 2017) and free bits (Kingma et al. 2016, eq. 15): each latent
-    dimension ("dim") or group ("group") pays at least `free_bits` nats of batch-averaged KL.
+    """What the VAEs share: the objective (deepgm.vae.objectives.RegularizedELBO, held as `objective`), the step
+    counter its KL warm-up reads, and the family protocol (deepgm.family).
 
     Subclasses implement `elbo_terms(batch, generator)` -> {"log_px_z": (B,), "kl": (B, Dz)} and
-    `log_weights(batch, k, generator)` -> (B, k) float64, plus `generate(n, generator, cond)`.
+    `log_weights(batch, k, generator)` -> (B, k) float64, plus `draw(n, generator, cond)`.
     """
 
     num_classes: int | None = None
@@ -189,16 +189,11 @@ class LatentVariableModel(nn.Module):
     def __init__(self, head: Head, data_shape: tuple[int, ...], group_dims: list[int], beta: float = 1.0,
                  warmup_steps: int = 0, free_bits: float = 0.0, free_bits_mode: str = "dim"):
         super().__init__()
-        if free_bits_mode not in ("dim", "group"):
-            raise ValueError(f"free_bits_mode must be 'dim' or 'group', got {free_bits_mode!r}")
-        if beta < 0 or warmup_steps < 0 or free_bits < 0:
-            raise ValueError("beta, warmup_steps and free_bits must be >= 0")
+        self.objective = RegularizedELBO(group_dims, beta, warmup_steps, free_bits, free_bits_mode)
         self.head = head
         self.data_shape = tuple(data_shape)
         self.dims = _numel(data_shape)
         self.group_dims = list(group_dims)
-        self.beta, self.warmup_steps = float(beta), int(warmup_steps)
-        self.free_bits, self.free_bits_mode = float(free_bits), free_bits_mode
         self.register_buffer("step", torch.zeros((), dtype=torch.long))  # training updates seen, checkpointed
 
     @property
@@ -206,23 +201,8 @@ class LatentVariableModel(nn.Module):
         return sum(self.group_dims)
 
     def kl_weight(self, step: int | None = None) -> float:
-        """beta_t of the warm-up schedule at `step` (default: the model's own counter)."""
-        step = int(self.step) if step is None else step
-        if self.warmup_steps == 0:
-            return self.beta
-        return self.beta * min(1.0, step / self.warmup_steps)
-
-    def _groups(self, kl: torch.Tensor) -> torch.Tensor:
-        """KL per dimension (B, Dz) -> KL per group (B, G)."""
-        return torch.stack([part.sum(1) for part in kl.split(self.group_dims, dim=1)], dim=1)
-
-    def kl_penalty(self, kl: torch.Tensor) -> torch.Tensor:
-        """The batch-mean KL the optimiser sees: with free bits, sum over units of max(lambda, mean_batch KL)."""
-        units = kl if self.free_bits_mode == "dim" else self._groups(kl)
-        per_unit = units.mean(0)  # (units,)
-        if self.free_bits > 0:
-            per_unit = per_unit.clamp(min=self.free_bits)
-        return per_unit.sum()
+        """beta_t of the objective's warm-up at `step` (default: the model's own counter)."""
+        return self.objective.kl_weight(int(self.step) if step is None else step)
 
     def elbo_terms(self, batch: dict, generator: torch.Generator | None) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -236,9 +216,7 @@ class LatentVariableModel(nn.Module):
         if self.training:
             self.step += 1
         terms = self.elbo_terms(batch, generator)
-        rec = -terms["log_px_z"].mean()
-        loss = (rec + beta * self.kl_penalty(terms["kl"])) / self.dims
-        return loss, self._report(terms, beta)
+        return self.objective(terms["log_px_z"], terms["kl"], beta, self.dims), self._report(terms, beta)
 
     def _report(self, terms: dict, beta: float) -> dict[str, torch.Tensor]:
         kl = terms["kl"].detach()
@@ -246,7 +224,7 @@ class LatentVariableModel(nn.Module):
         out = {"elbo_nats": elbo, "elbo_bpd": bits_per_dim(-elbo, self.dims), "rec_nats": -terms["log_px_z"].mean(),
                "kl_nats": kl.sum(1).mean(), "beta": torch.tensor(beta)}
         if len(self.group_dims) > 1:
-            for g, v in enumerate(self._groups(kl).mean(0)):
+            for g, v in enumerate(self.objective.groups(kl).mean(0)):
                 out[f"kl_group{g}"] = v
         return {k: v.detach() for k, v in out.items()}
 
@@ -420,7 +398,7 @@ class VAE(LatentVariableModel):
         inner = []
         for _ in range(self.aggressive["inner_steps"]):
             terms = self.elbo_terms(batch, generator)
-            inner_loss = (-terms["log_px_z"].mean() + beta * self.kl_penalty(terms["kl"])) / self.dims
+            inner_loss = self.objective(terms["log_px_z"], terms["kl"], beta, self.dims)
             grads = torch.autograd.grad(inner_loss, params)
             self._adam_step(params, grads)
             inner.append(inner_loss.detach())
@@ -432,7 +410,7 @@ class VAE(LatentVariableModel):
         z = self.reparameterize(mu, logvar, generator)
         log_px_z = self.head.log_prob(x, self.decode(z, y, x)) + self.head.discrete_correction(self.dims)
         kl = normal_kl(mu, logvar, torch.zeros_like(mu), torch.zeros_like(logvar))
-        loss = (-log_px_z.mean() + beta * self.kl_penalty(kl)) / self.dims
+        loss = self.objective(log_px_z, kl, beta, self.dims)
         report = self._report({"log_px_z": log_px_z, "kl": kl}, beta)
         report["inner_loss_first"], report["inner_loss_last"] = inner[0], inner[-1]
         return loss, report
