@@ -14,7 +14,7 @@ from deepgm.diffusion.denoiser import Thresholded
 from deepgm.diffusion.grids import make_grid
 from deepgm.diffusion.samplers import SAMPLERS
 from deepgm.family import CHUNK, SamplingPlan, chunk_generator
-from deepgm.pipeline import draw, load_run
+from deepgm.pipeline import draw, load_run, plan_for
 
 TINY_IMAGES = ["train.steps=12", "train.batch_size=16", "train.warmup_steps=2", "train.log_every=4",
                "train.checkpoint_every=6", "train.sample_every=6", "model.net.channels=16",
@@ -201,3 +201,17 @@ def test_bad_yaml_file_is_reported(tmp_path):
     bad.write_text("trainer: {steps: 3}\n")
     with pytest.raises(ValueError, match="unknown config section"):
         load_config(bad)
+
+
+def test_sampling_settings_in_a_config_are_checked_before_anything_runs():
+    with pytest.raises(ValueError, match="unknown key.*'guidence'.*'sample'"):
+        load_config("demo-digits", ["sample.guidence=3"])
+    with pytest.raises(ValueError, match="percentile"):
+        load_config("demo-digits", ["eval.threshold=dynamic:7"])
+    with pytest.raises(ValueError, match="guidance weight"):
+        load_config("demo-digits", ["sample.guidance=-1"])
+    config = load_config("demo-digits", ["sample.guidance=3", "sample.threshold=dynamic"])
+    for section in ("sample", "eval"):  # eval samples as `sample:` says unless it says otherwise
+        plan = plan_for(config, section)
+        assert (plan.guidance, plan.threshold) == (3.0, "dynamic")
+    assert plan_for(config, "sample", guidance=0.0).guidance == 0.0  # the command line's --guidance wins

@@ -12,9 +12,11 @@ from deepgm.conditioning import ClassLabel, Conditioning
 from deepgm.diffusion import Guided, Thresholded, sample
 from deepgm.diffusion.denoiser import Denoiser
 from deepgm.diffusion.model import DiffusionModel
+from deepgm.diffusion.samplers import SAMPLERS
 from deepgm.diffusion.schedule_registry import make_schedule
 from deepgm.family import chunk_generator, generate_chunked, parse_threshold
 from deepgm.nets.mlp import MLP
+from deepgm.nets.unet import UNet
 
 MEANS = torch.tensor([[2.0, -1.0], [-1.0, 1.5]])  # m_y for y = 0, 1
 NULL_MEAN = torch.tensor([0.5, 0.25])  # what the "no label" token (y = 2) predicts
@@ -136,3 +138,36 @@ def test_sample_i_depends_only_on_seed_and_i():
     # and the chunk generator really is a function of (seed, chunk)
     a, b = (torch.randn(3, generator=chunk_generator(7, c)) for c in (0, 1))
     assert torch.equal(a, torch.randn(3, generator=chunk_generator(7, 0))) and not torch.equal(a, b)
+
+
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+def test_every_sampler_samples_the_guided_gaussian(sampler):
+    """Guidance is a denoiser, so every sampler takes it: twice the NFE of the unguided run, and samples near the
+    guided Gaussian's mean (a loose check: few steps, and the stochastic samplers' noise)."""
+    denoiser, _ = gaussian_denoiser(make_schedule("cosine", T=1000) if sampler == "ddpm" else None)
+    n, w, steps = 2000, 2.0, 40
+    y = torch.arange(n) % 2
+    runs = [sample(d, shape=(n, 2), sampler=sampler, steps=steps, grid=None if sampler in ("ddpm", "ddim") else "trig",
+                   cond={"y": y}, generator=torch.Generator().manual_seed(0))
+            for d in (denoiser, Guided(denoiser, w, LABELS))]
+    plain, guided = runs
+    assert guided.nfe == 2 * plain.nfe and bool(torch.isfinite(guided.x).all())
+    for label in (0, 1):
+        target = NULL_MEAN + w * (MEANS[label] - NULL_MEAN)
+        torch.testing.assert_close(guided.x[y == label].mean(0), target, atol=0.15, rtol=0)
+
+
+def test_the_unets_guided_call_is_its_two_calls_combined():
+    """One batched U-Net call on [x, x] with [y, null] gives what two separate calls give (no batch coupling)."""
+    torch.manual_seed(0)
+    net = UNet(in_channels=1, channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(4,),
+               image_size=8, conditioning=Conditioning([ClassLabel(10)])).eval()
+    for p in net.parameters():  # no zero-initialised output layer: the label must show in the output
+        torch.nn.init.normal_(p, std=0.1)
+    denoiser = Denoiser(net, make_schedule("cosine", T=1000), "eps")
+    x, t, y = torch.randn(4, 1, 8, 8), torch.tensor(0.6), torch.tensor([0, 3, 5, 9])
+    with torch.no_grad():
+        cond, null = denoiser(x, t, y=y), denoiser(x, t, y=torch.full_like(y, 10))
+        guided = Guided(denoiser, 4.0, Conditioning([ClassLabel(10)]))(x, t, y=y)
+    assert not torch.allclose(cond.x0, null.x0, atol=1e-3)
+    torch.testing.assert_close(guided.x0, null.x0 + 4 * (cond.x0 - null.x0), atol=1e-4, rtol=1e-4)

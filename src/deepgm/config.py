@@ -8,6 +8,8 @@ from typing import Any
 
 import yaml
 
+from deepgm.family import SamplingPlan
+
 PACKAGED = Path(__file__).parent / "configs"
 
 DEFAULTS: dict[str, Any] = {
@@ -80,6 +82,10 @@ def load_config(spec: str | Path, overrides: list[str] | None = None) -> dict:
     return config
 
 
+PLAN_KEYS = {"sampler", "steps", "grid", "guidance", "threshold", "clip", "options"}  # deepgm.family.SamplingPlan
+SECTION_KEYS = {"sample": PLAN_KEYS | {"n"}, "eval": PLAN_KEYS | {"n_samples", "vlb", "vlb_examples", "iwae_k"}}
+
+
 def check_config(config: dict) -> None:
     unknown = set(config) - set(DEFAULTS)
     if unknown:
@@ -89,6 +95,11 @@ def check_config(config: dict) -> None:
             raise ValueError(f"config section {section!r} must be a mapping")
     if not isinstance(config["seed"], int):
         raise ValueError(f"seed must be an integer, got {config['seed']!r}")
+    for section, keys in SECTION_KEYS.items():
+        unknown = sorted(set(config[section]) - keys)
+        if unknown:
+            raise ValueError(f"unknown key(s) {unknown} in the {section!r} section; valid keys are {sorted(keys)}")
+        SamplingPlan.from_config(config[section])  # a bad guidance weight or threshold fails before training
 
 
 def save_config(config: dict, path: Path) -> None:
