@@ -32,6 +32,10 @@ class Condition:
     key: str = ""
     kind: str = "vector"
     droppable: bool = True
+    needs_examples: bool = False  # True: samples take their values from data (captions, images), no default
+
+    def prepare(self, data) -> None:
+        """Derive what batches need from a dataset, once (e.g. token ids of its captions into data.extras)."""
 
     def from_batch(self, batch: dict) -> torch.Tensor:
         """The condition's value for a training batch."""
@@ -111,7 +115,7 @@ class ImageCondition(Condition):
     """An image concatenated to the network's input channels (e.g. an upsampled low-resolution image);
     never dropped by guidance; its null value is zeros."""
 
-    kind, droppable = "image", False
+    kind, droppable, needs_examples = "image", False, True
 
     def __init__(self, channels: int, key: str = "cond_image"):
         self.channels, self.key = int(channels), key
@@ -135,8 +139,100 @@ class ImageCondition(Condition):
         return {"kind": "image", "channels": self.channels, "key": self.key}
 
 
+class _TextReader(nn.Module):
+    """Runs the condition's frozen encoder (held outside this module, so outside the state dict and the EMA) and
+    projects its output: the pooled embedding to the time embedding's width, the tokens to `dim` for
+    cross-attention. A caption with no tokens (the null value) reads as zeros with an all-False mask."""
+
+    def __init__(self, condition: TextCondition, dim: int):
+        super().__init__()
+        self._condition = condition  # a plain attribute: not a submodule
+        width = condition.encoder_dim
+        self.pooled = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, dim))
+        self.tokens = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, dim))
+
+    def forward(self, ids: torch.Tensor) -> Context:
+        text = self._condition.embed(ids)
+        device = self.pooled[1].weight.device
+        mask = text.mask.to(device)
+        tokens = self.tokens(text.tokens.to(device)) * mask[..., None]
+        pooled = self.pooled(text.pooled.to(device)) * mask.any(1, keepdim=True)  # null caption: no pooled vector
+        return Context(vector=pooled, tokens=tokens, mask=mask)
+
+
+class TextCondition(Condition):
+    """A caption, held in `cond` as token ids (B, L) of a frozen pretrained text encoder (deepgm.text), padded
+    with the encoder's pad id. The network reads the encoder's token embeddings (cross-attention) and its pooled
+    embedding (added to the time embedding). The null value, for dropout and guidance, is the caption with no
+    tokens at all. The encoder loads on first use, from the installed package or local path it is named by."""
+
+    key, kind, needs_examples = "text", "tokens", True
+
+    def __init__(self, encoder: str = "minilm-l6", max_length: int = 32, encoder_dim: int | None = None):
+        self.encoder_name, self.max_length = str(encoder), int(max_length)
+        self._encoder = None
+        self._dim = encoder_dim
+
+    @property
+    def encoder(self):
+        if self._encoder is None:
+            from deepgm.text import load_text_encoder  # the run layer and the nets do not need deepgm.text
+
+            self._encoder = load_text_encoder(self.encoder_name, max_length=self.max_length)
+        return self._encoder
+
+    @property
+    def encoder_dim(self) -> int:
+        if self._dim is None:
+            self._dim = self.encoder.dim
+        return self._dim
+
+    def tokenize(self, captions: list[str]) -> torch.Tensor:
+        """Token ids (B, max_length) of captions (clear errors for empty or too long ones)."""
+        ids, mask = self.encoder.tokenize(list(captions))
+        return torch.where(mask, ids, torch.full_like(ids, self.pad_id))
+
+    @property
+    def pad_id(self) -> int:
+        return int(self.encoder.pad_id)
+
+    def embed(self, ids: torch.Tensor):
+        """The frozen encoder's TextEmbedding of token ids (cached per caption by the encoder)."""
+        mask = ids != self.pad_id
+        return self.encoder.embed(ids.cpu(), mask.cpu())
+
+    def prepare(self, data) -> None:
+        """Tokenize a captioned dataset once: its ids go into every batch under this condition's key."""
+        if data.captions is None:
+            raise ValueError(f"a text-conditioned model needs captioned data; {data.name!r} has no captions")
+        if self.key not in data.extras:
+            data.extras[self.key] = self.tokenize(data.captions)
+
+    def null(self, value: torch.Tensor) -> torch.Tensor:
+        return torch.full_like(value, self.pad_id)
+
+    def for_samples(self, start: int, n: int, device=None) -> torch.Tensor:
+        raise ValueError("samples of a text-conditioned model need captions: pass cond={'text': "
+                         "condition.tokenize(captions)}, or use `deepgm generate RUN \"a caption\"`")
+
+    def reader(self, dim: int) -> nn.Module:
+        return _TextReader(self, dim)
+
+    def check(self, value: torch.Tensor, batch: int) -> None:
+        super().check(value, batch)
+        if value.dtype.is_floating_point or value.dim() != 2:
+            raise ValueError(f"cond[{self.key!r}] must be token ids of shape (B, L), got {value.dtype} of shape "
+                             f"{tuple(value.shape)}; tokenize captions with TextCondition.tokenize")
+
+    def spec(self) -> dict:
+        return {"kind": "text", "encoder": self.encoder_name, "max_length": self.max_length,
+                "encoder_dim": self.encoder_dim}
+
+
 CONDITIONS = {"class": lambda s: ClassLabel(s["num_classes"]),
-              "image": lambda s: ImageCondition(s["channels"], s.get("key", "cond_image"))}
+              "image": lambda s: ImageCondition(s["channels"], s.get("key", "cond_image")),
+              "text": lambda s: TextCondition(s.get("encoder", "minilm-l6"), s.get("max_length", 32),
+                                              s.get("encoder_dim"))}
 
 
 class Conditioning:
@@ -165,6 +261,12 @@ class Conditioning:
         """Whether classifier-free guidance has anything to drop."""
         return any(c.droppable for c in self.conditions.values())
 
+    def prepare(self, data):
+        """The dataset with what each condition derives from it (token ids of captions); returns it."""
+        for c in self.conditions.values():
+            c.prepare(data)
+        return data
+
     def from_batch(self, batch: dict) -> dict[str, torch.Tensor]:
         return {key: c.from_batch(batch) for key, c in self.conditions.items()}
 
@@ -176,7 +278,17 @@ class Conditioning:
         return {key: self.conditions[key].null(v) if self.conditions[key].droppable else v for key, v in cond.items()}
 
     def for_samples(self, start: int, n: int, device=None) -> dict[str, torch.Tensor]:
-        return {key: c.for_samples(start, n, device) for key, c in self.conditions.items()}
+        """The default values of the conditions that have one (class labels in turn)."""
+        return {key: c.for_samples(start, n, device) for key, c in self.conditions.items() if not c.needs_examples}
+
+    def examples(self, data, n: int) -> dict[str, torch.Tensor]:
+        """Values for n samples of the conditions without a default, from the (prepared) data's examples in
+        order: e.g. the test captions for an evaluation, the training captions for a preview."""
+        wanted = [c for c in self.conditions.values() if c.needs_examples]
+        if not wanted:
+            return {}
+        batch = data.batch(torch.arange(n) % len(data))
+        return {c.key: c.from_batch(batch) for c in wanted}
 
     def check(self, cond: dict | None, batch: int) -> dict[str, torch.Tensor]:
         """cond as a dict with known keys and well-formed values; missing keys get their null value only if
@@ -214,20 +326,26 @@ class ContextReader(nn.Module):
     def forward(self, cond: dict, batch: int) -> Context:
         """Missing conditions read as their null value where one exists without an example (class labels)."""
         cond = self.conditioning.check(cond, batch)
-        vector, images = None, []
+        vectors, images, tokens, masks = [], [], [], []
         for key, c in self.conditioning.conditions.items():
             value = cond.get(key)
             if value is None:
-                if c.kind == "image":
-                    raise ValueError(f"this network is conditioned on an image: pass {key}= of shape "
-                                     f"(B, {c.channels}, H, W)")
+                if c.kind != "vector":
+                    raise ValueError(f"this network is conditioned on {key!r} ({c.kind}): pass {key}=")
                 value = c.null(c.for_samples(0, batch, self.device))
             out = self.readers[key](value)
             if c.kind == "vector":
-                vector = out if vector is None else vector + out
+                vectors.append(out)
             elif c.kind == "image":
                 images.append(out)
-        return Context(vector=vector, image=torch.cat(images, dim=1) if images else None)
+            else:  # tokens: a Context of its own (tokens, mask and a pooled vector)
+                tokens.append(out.tokens)
+                masks.append(out.mask)
+                if out.vector is not None:
+                    vectors.append(out.vector)
+        return Context(vector=sum(vectors) if vectors else None, image=torch.cat(images, dim=1) if images else None,
+                       tokens=torch.cat(tokens, dim=1) if tokens else None,
+                       mask=torch.cat(masks, dim=1) if masks else None)
 
     @property
     def device(self):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from deepgm.conditioning import ClassLabel, Conditioning
+from deepgm.conditioning import ClassLabel, Conditioning, TextCondition
 from deepgm.data.base import DataSpec
 
 
@@ -21,3 +21,15 @@ def class_conditioning(spec: dict, data: DataSpec) -> Conditioning:
     if not data.num_classes:
         raise ValueError(f"class_conditional needs a labelled dataset; {data.name!r} has no labels")
     return Conditioning([ClassLabel(data.num_classes)])
+
+
+def model_conditioning(spec: dict, data: DataSpec) -> Conditioning:
+    """The conditions a `model:` section asks for: class labels (`class_conditional: true`) and/or a caption
+    (`text: {encoder: minilm-l6, max_length: 32}`, read through a frozen pretrained encoder)."""
+    conditions = list(class_conditioning(spec, data).conditions.values())
+    text = spec.get("text")
+    if text:
+        text = check_options(text if isinstance(text, dict) else {"encoder": text}, {"encoder", "max_length"},
+                             "model.text")
+        conditions.append(TextCondition(text.get("encoder", "minilm-l6"), int(text.get("max_length", 32))))
+    return Conditioning(conditions)

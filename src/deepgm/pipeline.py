@@ -70,6 +70,7 @@ def train_run(config: dict, run_dir: Path, resume: bool = False, progress: bool 
     torch.manual_seed(config["seed"])
     data = load_data(config, "train")
     model = build_model(config["model"], data.spec)  # a bad model spec fails here, before anything is written
+    model.conditioning.prepare(data)  # e.g. caption token ids, once
     plan = plan_for(config)  # so does a bad sampling plan
     calibrated = plan.sampler in ("auto", "trig-abm") and plan.grid is None or plan.grid == "calibrated"
     preview = plan.replace(**PREVIEW) if calibrated else plan
@@ -79,7 +80,8 @@ def train_run(config: dict, run_dir: Path, resume: bool = False, progress: bool 
         save_config(config, saved)
 
     def sample_fn(ema_model: nn.Module, step: int) -> None:
-        result = generate_chunked(ema_model, min(config["sample"]["n"], 64), config["seed"], preview)
+        n = min(config["sample"]["n"], 64)
+        result = generate_chunked(ema_model, n, config["seed"], preview, model.conditioning.examples(data, n))
         save_samples_picture(result.x.cpu(), run_dir / "samples" / f"step-{step:08d}.png", data.x[:2000])
 
     trainer = Trainer(model, data, train_config, run_dir, sample_fn=sample_fn, progress=progress)
@@ -169,8 +171,8 @@ def evaluate_run(run_dir: str | Path, n_samples: int | None = None, seed: int = 
         spec["vlb_examples"] = vlb_examples
     n_samples = n_samples or spec["n_samples"]
     plan = plan_for(run, "eval", progress=progress, **plan_overrides)
-    train, test = load_data(run.config, "train"), load_data(run.config, "test")
-    result = draw(run, n_samples, seed, plan)
+    train, test = load_data(run.config, "train"), run.model.conditioning.prepare(load_data(run.config, "test"))
+    result = draw(run, n_samples, seed, plan, run.model.conditioning.examples(test, n_samples))
     metrics: dict = {"run": str(run_dir), "weights": run.weights, "step": run.step, "sampler": plan.sampler,
                      "steps": plan.steps, "guidance": plan.guidance, "threshold": plan.threshold, "nfe": result.nfe,
                      "n_samples": n_samples}
@@ -189,7 +191,7 @@ def likelihood_run(run_dir: str | Path, n_examples: int | None = None, seed: int
     options: k (IWAE samples), divergence, probes, elbo_points. Written to RUN/nll.json."""
     run_dir = Path(run_dir)
     run = load_run(run_dir, weights)
-    test = load_data(run.config, "test")
+    test = run.model.conditioning.prepare(load_data(run.config, "test"))
     metrics = {"run": str(run_dir), "weights": run.weights, "step": run.step, "levels": test.levels,
                "conditional": bool(run.model.conditioning)}
     metrics.update(run.model.likelihoods(test, None, n_examples, seed, options=options))

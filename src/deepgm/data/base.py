@@ -23,6 +23,14 @@ class Dataset:
     levels: int | None = None
     num_classes: int | None = None
     log_prob: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, repr=False)
+    # captioned data (text-to-image): one caption per example and its exact attributes, (N, A) integers whose
+    # column a is attribute_names[a] and whose value v names attribute_values[attribute_names[a]][v] (-1: absent)
+    captions: list[str] | None = field(default=None, repr=False)
+    attributes: torch.Tensor | None = field(default=None, repr=False)
+    attribute_names: tuple[str, ...] = ()
+    attribute_values: dict[str, list[str]] = field(default_factory=dict, repr=False)
+    # per-example tensors a model's condition derived from the data (e.g. caption token ids): in every batch
+    extras: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
     def spec(self) -> DataSpec:
@@ -42,10 +50,11 @@ class Dataset:
         return self.x.dim() == 4
 
     def batch(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The examples at `index` as a batch dict with keys x (and y when labelled)."""
+        """The examples at `index` as a batch dict with keys x (and y when labelled, and the extras)."""
         out = {"x": self.x[index]}
         if self.y is not None:
             out["y"] = self.y[index]
+        out.update({key: v[index] for key, v in self.extras.items()})
         return out
 
 
@@ -72,24 +81,26 @@ class DataSpec:
 
 
 _REGISTRY: dict[str, Callable[..., Dataset]] = {}
+_SPLITS: dict[str, tuple[str, ...]] = {}
 
 
-def register(name: str):
-    """Decorator that makes a loader `fn(split, **options) -> Dataset` available as `data: name`."""
+def register(name: str, splits: tuple[str, ...] = ("train", "test")):
+    """Decorator that makes a loader `fn(split, **options) -> Dataset` available as `data: name`; `splits` are
+    the splits it has (every dataset has 'train' and 'test'; held-out splits come on top)."""
 
     def wrap(fn):
-        _REGISTRY[name] = fn
+        _REGISTRY[name], _SPLITS[name] = fn, tuple(splits)
         return fn
 
     return wrap
 
 
 def load_dataset(name: str, split: str = "train", **options) -> Dataset:
-    """Load a dataset by registry name; split is 'train' or 'test'."""
+    """Load a dataset by registry name; split is 'train', 'test' or one of the dataset's held-out splits."""
     if name not in _REGISTRY:
         raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(_REGISTRY)}")
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if split not in _SPLITS[name]:
+        raise ValueError(f"dataset {name!r} has splits {list(_SPLITS[name])}, not {split!r}")
     try:
         return _REGISTRY[name](split, **options)
     except TypeError as err:  # an option the loader does not take

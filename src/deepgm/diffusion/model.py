@@ -85,12 +85,12 @@ class DiffusionModel(nn.Module):
             raise ValueError("this DiffusionModel was built without data_shape; give it to sample from the model")
         if plan.guidance != 1 and not self.conditioning.guidable:
             raise ValueError(f"--guidance {plan.guidance:g} needs a conditional model; this run is unconditional "
-                             "(train with model.class_conditional: true and model.label_dropout > 0)")
+                             "(train with model.class_conditional: true or model.text, and model.cond_dropout > 0)")
         if plan.guidance != 1 and self.cond_dropout == 0:
             import warnings
 
             warnings.warn("this model was trained without condition dropout, so its unconditional prediction "
-                          "(and with it guidance) is untrained; train with model.label_dropout > 0", stacklevel=2)
+                          "(and with it guidance) is untrained; train with model.cond_dropout > 0", stacklevel=2)
         device = next(self.parameters()).device
         cond = self.conditioning.check(cond, n)
         result = sample(self.sampling_denoiser(plan), None, (n, *self.data_shape), sampler=plan.sampler,
@@ -181,7 +181,8 @@ class DiffusionModel(nn.Module):
         rows = [torch.stack([f[i] for f in forward]) for i in range(len(x0))]  # (9, C, H, W) per image
         paths = [save_strip(rows, out_dir / "forward_process.png", labels=[f"t={t:.2f}" for t in times.tolist()])]
         plan = SamplingPlan("ddpm", self.schedule.T or REVERSE_PICTURE_STEPS, return_trajectory=True)
-        cond = self.conditioning.for_samples(0, 6, next(self.parameters()).device) if self.conditioning else {}
+        cond = {**self.conditioning.for_samples(0, 6, next(self.parameters()).device),
+                **self.conditioning.examples(test, 6)}
         result = self.generate(6, cond, torch.Generator().manual_seed(seed), plan)
         keep = torch.linspace(0, len(result.trajectory) - 1, 9).round().long()
         rows = [torch.stack([result.trajectory[k][i].clamp(-1, 1) for k in keep]) for i in range(6)]

@@ -1,4 +1,8 @@
-"""A small classifier trained on the dataset itself, standing in for Inception where its weights can't be fetched."""
+"""A small classifier trained on the dataset itself, standing in for Inception where its weights can't be fetched.
+
+On labelled data (digits) it predicts the class; on captioned scenes (deepgm.data.shapes) it has one head per
+attribute (shape, colour, size, position of each object, their relation; an extra index for "absent"), which
+text-to-image evaluation uses for alignment. Its penultimate features give FID either way."""
 
 from __future__ import annotations
 
@@ -21,13 +25,18 @@ FEATURE_DIM = 64
 # changing these (or the architecture) changes the cache key, so stale weights are never reused
 TRAIN_SETTINGS = {"arch": "digitcnn-v1", "epochs": 20, "batch_size": 64, "lr": 2e-3, "weight_decay": 1e-4,
                   "shift": 1, "feature_dim": FEATURE_DIM, "width": 32}
+# attributes: no random shifts (positions are attributes), fewer epochs over the larger scene sets
+ATTRIBUTE_SETTINGS = {**TRAIN_SETTINGS, "arch": "attrcnn-v1", "epochs": 6, "shift": 0}
 
 
 class DigitClassifier(nn.Module):
-    """Small CNN for (N, C, H, W) images in [-1, 1], H, W >= 8; `features` gives the penultimate activations."""
+    """Small CNN for (N, C, H, W) images in [-1, 1], H, W >= 8; `features` gives the penultimate activations.
+    num_classes: one class count, or one per head (the logits of the heads side by side)."""
 
-    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 32, feature_dim: int = FEATURE_DIM):
+    def __init__(self, in_channels: int = 1, num_classes: int | tuple[int, ...] = 10, width: int = 32,
+                 feature_dim: int = FEATURE_DIM):
         super().__init__()
+        self.heads = (num_classes,) if isinstance(num_classes, int) else tuple(num_classes)
         self.body = nn.Sequential(
             nn.Conv2d(in_channels, width, 3, padding=1), nn.ReLU(),
             nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),
@@ -37,7 +46,7 @@ class DigitClassifier(nn.Module):
             nn.Flatten(),
             nn.Linear(2 * width * 16, feature_dim), nn.ReLU(),
         )
-        self.head = nn.Linear(feature_dim, num_classes)
+        self.head = nn.Linear(feature_dim, sum(self.heads))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Penultimate features (N, feature_dim)."""
@@ -52,12 +61,14 @@ class FeatureNet:
     """A trained classifier (eval mode) plus what is known about it."""
 
     classifier: DigitClassifier
-    test_accuracy: float
+    test_accuracy: float  # attributes: the fraction of test scenes with every attribute right
     num_classes: int
     name: str
     from_cache: bool = False
     path: Path | None = None
     train_seconds: float | None = None
+    attribute_names: tuple[str, ...] = ()  # one per head when the net predicts attributes
+    attribute_accuracy: dict[str, float] | None = None
 
     @torch.no_grad()
     def _map(self, fn, x: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -70,8 +81,28 @@ class FeatureNet:
         return self._map(self.classifier.features, x, batch_size)
 
     def predict(self, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-        """Predicted class labels (N,)."""
-        return self._map(self.classifier, x, batch_size).argmax(dim=1)
+        """Predicted class labels (N,); for an attribute net, attributes (N, A) with -1 where absent."""
+        logits = self._map(self.classifier, x, batch_size)
+        if len(self.classifier.heads) == 1:
+            return logits.argmax(dim=1)
+        return _decode(logits, self.classifier.heads)
+
+
+def _decode(logits: torch.Tensor, heads: tuple[int, ...]) -> torch.Tensor:
+    """Per head argmax; each head's last index means "absent", -1 as in Dataset.attributes."""
+    out = [part.argmax(dim=1) for part in logits.split(heads, dim=1)]
+    return torch.stack([torch.where(v == k - 1, -1, v) for v, k in zip(out, heads, strict=True)], dim=1)
+
+
+def _encode(attributes: torch.Tensor, heads: tuple[int, ...]) -> torch.Tensor:
+    """Attributes (N, A) with -1 for absent -> head targets with the absent index last."""
+    return torch.where(attributes < 0, torch.tensor(heads) - 1, attributes)
+
+
+def _loss(logits: torch.Tensor, targets: torch.Tensor, heads: tuple[int, ...]) -> torch.Tensor:
+    if targets.dim() == 1:
+        return F.cross_entropy(logits, targets)
+    return sum(F.cross_entropy(part, targets[:, i]) for i, part in enumerate(logits.split(heads, dim=1)))
 
 
 def _random_shift(x: torch.Tensor, shift: int, generator: torch.Generator) -> torch.Tensor:
@@ -85,7 +116,8 @@ def _random_shift(x: torch.Tensor, shift: int, generator: torch.Generator) -> to
     return cropped.gather(3, cols)
 
 
-def _train(train_x, train_y, num_classes: int, seed: int, settings: dict) -> DigitClassifier:
+def _train(train_x, train_y, num_classes: int | tuple[int, ...], seed: int, settings: dict) -> DigitClassifier:
+    """train_y: labels (N,), or head targets (N, A) for a multi-head net."""
     generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -98,8 +130,8 @@ def _train(train_x, train_y, num_classes: int, seed: int, settings: dict) -> Dig
         order = torch.randperm(len(train_x), generator=generator)
         for i in range(0, len(train_x), settings["batch_size"]):
             idx = order[i:i + settings["batch_size"]]
-            x = _random_shift(train_x[idx], settings["shift"], generator)
-            loss = F.cross_entropy(model(x), train_y[idx])
+            x = _random_shift(train_x[idx], settings["shift"], generator) if settings["shift"] else train_x[idx]
+            loss = _loss(model(x), train_y[idx], model.heads)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -120,12 +152,15 @@ def _load_cached(stem: Path, name: str) -> FeatureNet | None:
     try:
         meta = json.loads(meta_path.read_text())
         s = meta["settings"]
-        model = DigitClassifier(meta["in_channels"], meta["num_classes"], s["width"], s["feature_dim"])
+        heads = tuple(meta["heads"]) if "heads" in meta else meta["num_classes"]
+        model = DigitClassifier(meta["in_channels"], heads, s["width"], s["feature_dim"])
         model.load_state_dict(load_file(weights_path))
     except (OSError, ValueError, KeyError, RuntimeError):
         return None  # corrupt or from an incompatible version: retrain
     return FeatureNet(model.eval(), meta["test_accuracy"], meta["num_classes"], name, from_cache=True,
-                      path=weights_path, train_seconds=meta.get("train_seconds"))
+                      path=weights_path, train_seconds=meta.get("train_seconds"),
+                      attribute_names=tuple(meta.get("attribute_names", ())),
+                      attribute_accuracy=meta.get("attribute_accuracy"))
 
 
 def get_feature_net(dataset: str = "digits", dataset_options: dict | None = None,
@@ -134,7 +169,9 @@ def get_feature_net(dataset: str = "digits", dataset_options: dict | None = None
     from deepgm.data import load_dataset
 
     options = dict(dataset_options or {})
-    key = json.dumps({"dataset": dataset, "options": options, "seed": seed, "settings": TRAIN_SETTINGS},
+    attributes = dataset == "shapes"  # captioned scenes: one head per attribute
+    settings = ATTRIBUTE_SETTINGS if attributes else TRAIN_SETTINGS
+    key = json.dumps({"dataset": dataset, "options": options, "seed": seed, "settings": settings},
                      sort_keys=True, default=str)
     slug = "-".join([dataset, *(f"{k}{v}" for k, v in sorted(options.items())), f"seed{seed}"])
     root = _cache_dir(cache_dir)
@@ -144,26 +181,37 @@ def get_feature_net(dataset: str = "digits", dataset_options: dict | None = None
         return cached
 
     train, test = load_dataset(dataset, "train", **options), load_dataset(dataset, "test", **options)
-    if train.y is None or not train.num_classes or test.y is None:
+    if attributes:
+        heads = tuple(len(train.attribute_values[name]) + 1 for name in train.attribute_names)  # + "absent"
+        targets, names = _encode(train.attributes, heads), tuple(train.attribute_names)
+    elif train.y is None or not train.num_classes or test.y is None:
         raise ValueError(f"FID feature network needs a labelled dataset; {dataset!r} has no class labels "
                          f"(use sliced_wasserstein for unlabelled or toy data)")
+    else:
+        heads, targets, names = train.num_classes, train.y, ()
     if not train.is_image or min(train.shape[1:]) < 8:
         raise ValueError(f"FID feature network needs images of at least 8x8, {dataset!r} has shape {train.shape}")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny convs: one thread is as fast unloaded and far faster on a busy machine
     try:
         start = time.perf_counter()
-        model = _train(train.x, train.y, train.num_classes, seed, TRAIN_SETTINGS)
+        model = _train(train.x, targets, heads, seed, settings)
         seconds = time.perf_counter() - start
     finally:
         torch.set_num_threads(threads)
-    net = FeatureNet(model, 0.0, train.num_classes, dataset, path=stem.with_suffix(".safetensors"),
-                     train_seconds=seconds)
-    net.test_accuracy = float((net.predict(test.x) == test.y).double().mean())
-    meta = {"dataset": dataset, "options": options, "seed": seed, "settings": TRAIN_SETTINGS,
-            "test_accuracy": net.test_accuracy, "num_classes": train.num_classes, "in_channels": train.shape[0],
-            "image_shape": list(train.shape), "n_train": len(train), "n_test": len(test),
-            "train_seconds": round(seconds, 3)}
+    net = FeatureNet(model, 0.0, len(model.heads) if attributes else heads, dataset,
+                     path=stem.with_suffix(".safetensors"), train_seconds=seconds, attribute_names=names)
+    meta = {"dataset": dataset, "options": options, "seed": seed, "settings": settings,
+            "num_classes": net.num_classes, "in_channels": train.shape[0], "image_shape": list(train.shape),
+            "n_train": len(train), "n_test": len(test), "train_seconds": round(seconds, 3)}
+    if attributes:
+        right = net.predict(test.x) == test.attributes  # (N, A)
+        net.test_accuracy = float(right.all(dim=1).double().mean())
+        net.attribute_accuracy = {name: float(right[:, i].double().mean()) for i, name in enumerate(names)}
+        meta.update(attribute_accuracy=net.attribute_accuracy, attribute_names=list(names), heads=list(heads))
+    else:
+        net.test_accuracy = float((net.predict(test.x) == test.y).double().mean())
+    meta["test_accuracy"] = net.test_accuracy
     root.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     atomic_write(stem.with_suffix(".safetensors"), lambda p: save_file(state, p))

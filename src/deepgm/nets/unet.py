@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deepgm.conditioning import Conditioning, ContextReader
+from deepgm.conditioning import Conditioning, Context, ContextReader
 from deepgm.nets.embeddings import TimeEmbedding
 
 
@@ -82,6 +82,35 @@ class AttentionBlock(nn.Module):
         return x + out.reshape(b, h, w, c).permute(0, 3, 1, 2)  # (B, C, H, W)
 
 
+class CrossAttentionBlock(nn.Module):
+    """Multi-head attention from the H*W positions of a feature map to context tokens (B, L, D) with a mask
+    (B, L), as a residual branch. A learned null token is always attended to, so a caption with no tokens (the
+    null condition of guidance) is well defined, and padded positions never are."""
+
+    def __init__(self, channels: int, context_dim: int, num_heads: int = 4):
+        super().__init__()
+        if channels % num_heads:
+            raise ValueError(f"num_heads={num_heads} must divide the {channels} channels of the "
+                             f"cross-attention block; choose num_heads or channels accordingly")
+        self.heads = num_heads
+        self.norm = _norm(channels)
+        self.q = nn.Linear(channels, channels)
+        self.kv = nn.Linear(context_dim, 2 * channels)
+        self.null = nn.Parameter(torch.zeros(1, 1, context_dim))
+        self.proj = _zero(nn.Linear(channels, channels))
+
+    def forward(self, x: torch.Tensor, context: Context) -> torch.Tensor:
+        b, c, h, w = x.shape
+        tokens = torch.cat([self.null.expand(b, 1, -1).to(context.tokens.dtype), context.tokens], dim=1)
+        mask = torch.cat([torch.ones(b, 1, dtype=torch.bool, device=x.device), context.mask.to(x.device)], dim=1)
+        q = self.q(self.norm(x).permute(0, 2, 3, 1).reshape(b, h * w, c))  # (B, H*W, C)
+        k, v = self.kv(tokens.to(x.dtype)).chunk(2, dim=-1)  # (B, 1 + L, C) each
+        split = lambda t: t.reshape(b, t.shape[1], self.heads, c // self.heads).transpose(1, 2)  # noqa: E731
+        out = F.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=mask[:, None, None, :])
+        out = self.proj(out.transpose(1, 2).reshape(b, h * w, c))
+        return x + out.reshape(b, h, w, c).permute(0, 3, 1, 2)
+
+
 class Downsample(nn.Module):
     """Halve H and W with a stride-2 3x3 conv."""
 
@@ -105,19 +134,25 @@ class Upsample(nn.Module):
 
 
 class EmbSequential(nn.ModuleList):
-    """Apply layers in order, passing the embedding to the residual blocks only."""
+    """Apply layers in order, passing the embedding to the residual blocks and the context to cross-attention."""
 
-    def forward(self, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, emb: torch.Tensor, context: Context | None = None) -> torch.Tensor:
         for layer in self:
-            h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
+            if isinstance(layer, ResBlock):
+                h = layer(h, emb)
+            elif isinstance(layer, CrossAttentionBlock):
+                h = layer(h, context)
+            else:
+                h = layer(h)
         return h
 
 
 class UNet(nn.Module):
     """eps/x0/v network for images: (x_t (B, C, H, W), t (B,), **cond) -> (B, C_out, H, W).
 
-    `conditioning` names what the network reads from cond (deepgm.conditioning): vector conditions (class labels)
-    are added to the time embedding, image conditions are concatenated to x_t.
+    `conditioning` names what the network reads from cond (deepgm.conditioning): vector conditions (class labels,
+    a caption's pooled embedding) are added to the time embedding, image conditions are concatenated to x_t, and
+    token conditions (a caption's token embeddings) are read by cross-attention after each self-attention block.
     """
 
     def __init__(self, in_channels: int = 1, out_channels: int | None = None, channels: int = 64,
@@ -145,8 +180,14 @@ class UNet(nn.Module):
         def res(i: int, o: int) -> ResBlock:
             return ResBlock(i, o, emb_dim, dropout)
 
-        def attn(ch: int, size: int) -> list[nn.Module]:
-            return [AttentionBlock(ch, num_heads)] if size in attention_resolutions else []
+        reads_tokens = any(c.kind == "tokens" for c in self.conditioning.conditions.values())
+
+        def attn(ch: int, size: int, always: bool = False) -> list[nn.Module]:
+            """Self-attention at the attention resolutions, each followed by cross-attention to tokens if read."""
+            if not (always or size in attention_resolutions):
+                return []
+            return [AttentionBlock(ch, num_heads)] + ([CrossAttentionBlock(ch, emb_dim, num_heads)]
+                                                      if reads_tokens else [])
 
         self.inp = nn.Conv2d(in_channels + cond_channels, channels, 3, padding=1)
         self.down, skips, ch = nn.ModuleList(), [channels], channels
@@ -159,7 +200,7 @@ class UNet(nn.Module):
             if level != levels - 1:
                 self.down.append(EmbSequential([Downsample(ch)]))
                 skips.append(ch)
-        self.mid = EmbSequential([res(ch, ch), AttentionBlock(ch, num_heads), res(ch, ch)])
+        self.mid = EmbSequential([res(ch, ch), *attn(ch, resolutions[-1], always=True), res(ch, ch)])
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(channel_mult))):
             for i in range(num_res_blocks + 1):
@@ -184,9 +225,9 @@ class UNet(nn.Module):
         h = self.inp(x)
         hs = [h]
         for block in self.down:
-            h = block(h, emb)
+            h = block(h, emb, context)
             hs.append(h)
-        h = self.mid(h, emb)
+        h = self.mid(h, emb, context)
         for block in self.up:
-            h = block(torch.cat([h, hs.pop()], dim=1), emb)  # (B, C + C_skip, H, W)
+            h = block(torch.cat([h, hs.pop()], dim=1), emb, context)  # (B, C + C_skip, H, W)
         return self.out(h)
