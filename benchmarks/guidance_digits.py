@@ -5,9 +5,9 @@ conditional model, 0 the unconditional one) and x0 thresholding static (clip to 
 percentile rule), --n samples with the classes in turn, the same starting noise for every row (deepgm's chunked
 sampling: sample i depends only on the seed and i). Alignment: the eval classifier's accuracy on the samples
 against the class asked for. Fidelity: FID in that classifier's features against the test digits, beside its floor
-at the same n (n training digits, the classes in turn, against the test digits): FID is biased upward at small n, so only the gap to
-the floor is the model's. The peer for the guided sampler itself is the paper's equation, checked exactly in
-tests/test_guidance.py; this script measures what the weight does on a trained network.
+at the same n (n training digits, the classes in turn, against the test digits): FID is biased upward at small
+n, so only the gap to the floor is the model's. The peer for the guided sampler itself is the paper's equation,
+checked exactly in tests/test_guidance.py; this script measures what the weight does on a trained network.
 
 Run:  python benchmarks/guidance_digits.py RUN_DIR [--n 500] [--steps 50] [--out benchmarks/results]
 e.g.  deepgm demo --out runs/demo && python benchmarks/guidance_digits.py runs/demo

@@ -307,3 +307,16 @@ def test_bad_requests_raise_value_error():
         load_dataset("shapes", "train", n=4, colour="red")
     with pytest.raises(ValueError, match="phrasing"):
         shapes.caption(one_object("circle"), np.random.default_rng(0), phrasing="valid")
+
+
+def test_mentioned_marks_what_captions_name():
+    from deepgm.data.shapes import COLUMN
+
+    data = load_dataset("shapes", "train", n=200)
+    one = data.attributes[:, COLUMN["n_objects"]] == 0
+    assert one.any() and (~one).any()
+    m = data.mentioned
+    assert m[one][:, COLUMN["position0"]].all() and not m[one][:, COLUMN["relation"]].any()
+    assert not m[~one][:, COLUMN["position0"]].any() and m[~one][:, COLUMN["relation"]].all()
+    assert m[:, [COLUMN[c] for c in ("n_objects", "shape0", "colour0", "size0")]].all()
+    assert m[~one][:, COLUMN["shape1"]].all() and not m[one][:, COLUMN["shape1"]].any()

@@ -66,6 +66,18 @@ def _sample(args) -> None:
     print(f"wrote {path} and {path.with_suffix('.npz')}")
 
 
+def _generate(args) -> None:
+    from deepgm.pipeline import generate_run
+
+    if any(not c.strip() for c in args.captions):
+        raise ValueError("a caption is empty; give some words, e.g. \"a red circle on the left\"")
+    overrides = {"sampler": args.sampler, "steps": args.steps, "guidance": args.guidance, "threshold": args.threshold}
+    path, result = generate_run(args.run, args.captions, args.n, args.seed, args.out, args.weights,
+                                sweep=args.sweep_weights if args.sweep else None, **overrides)
+    print(f"NFE per sample: {result.nfe}")
+    print(f"wrote {path} and {path.with_suffix('.npz')}")
+
+
 def _eval(args) -> None:
     from deepgm.pipeline import evaluate_run, likelihood_run
 
@@ -184,6 +196,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", choices=["ema", "raw"], default="ema", help="which weights to sample with")
     p.add_argument("--out", help="output path stem (default RUN/samples/<sampler>-<steps>steps-seed<seed>)")
     p.set_defaults(func=_sample)
+
+    p = sub.add_parser("generate", help="samples of a text-conditioned run for given captions: a row per caption")
+    p.add_argument("run", help="run directory of a text-conditioned model (e.g. trained from t2i-shapes-base)")
+    p.add_argument("captions", nargs="+", help='one or more captions, e.g. "a small red circle in the top left"')
+    p.add_argument("--n", type=positive_int, default=8, help="samples per caption")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sampler", choices=available_samplers())
+    p.add_argument("--steps", type=positive_int)
+    _guidance_arguments(p)
+    p.add_argument("--sweep", choices=["guidance"], help="the first caption across guidance weights, a row each")
+    p.add_argument("--sweep-weights", type=guidance_weight, nargs="+", default=[1.0, 2.0, 3.0, 5.0, 8.0, 12.0],
+                   metavar="W", help="the weights of --sweep guidance (default 1 2 3 5 8 12)")
+    p.add_argument("--weights", choices=["ema", "raw"], default="ema", help="which weights to sample with")
+    p.add_argument("--out", help="output path stem (default RUN/samples/generate-...)")
+    p.set_defaults(func=_generate)
 
     p = sub.add_parser("eval", help="FID / precision / recall and test bits/dim of a trained run")
     p.add_argument("run", help="run directory")

@@ -281,6 +281,17 @@ class Conditioning:
         """The default values of the conditions that have one (class labels in turn)."""
         return {key: c.for_samples(start, n, device) for key, c in self.conditions.items() if not c.needs_examples}
 
+    def for_captions(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        """cond for one sample per caption: the token ids of each text condition (clear errors for empty or too
+        long captions, or a model that reads no text)."""
+        text = [c for c in self.conditions.values() if c.kind == "tokens"]
+        if not text:
+            what = f"its conditions are {self.keys}" if self else "it is unconditional"
+            raise ValueError(f"this model is not text-conditioned ({what}); sample it with `deepgm sample`")
+        if not captions:
+            raise ValueError("give at least one caption")
+        return {c.key: c.tokenize(list(captions)) for c in text}
+
     def examples(self, data, n: int) -> dict[str, torch.Tensor]:
         """Values for n samples of the conditions without a default, from the (prepared) data's examples in
         order: e.g. the test captions for an evaluation, the training captions for a preview."""

@@ -19,12 +19,12 @@ from torch import nn
 
 from deepgm.config import check_config, save_config
 from deepgm.data import Dataset, load_dataset
-from deepgm.data.base import DataSpec
+from deepgm.data.base import DataSpec, dataset_splits
 from deepgm.family import SampleOutput, SamplingPlan, generate_chunked
 from deepgm.files import write_json
 from deepgm.models import build_model
 from deepgm.train import TrainConfig, Trainer, distributed, latest_checkpoint, load_weights
-from deepgm.viz import plot_metrics, save_image_grid, scatter_2d
+from deepgm.viz import plot_metrics, save_image_grid, save_strip, scatter_2d
 
 # previews during training: the weights change between them, so a calibrated grid would pay its pilot each time
 PREVIEW = {"sampler": "trig-abm", "grid": "trig"}
@@ -136,14 +136,61 @@ def sample_run(run_dir: str | Path, n: int = 64, seed: int = 0, out: str | Path 
     run; plan_overrides (sampler, steps, grid, guidance, threshold, options) replace the config's `sample:`."""
     run = load_run(run_dir, weights)
     plan = plan_for(run, progress=progress, **plan_overrides)
-    result = draw(run, n, seed, plan)
+    test = run.model.conditioning.prepare(load_data(run.config, "test")) if _needs_examples(run) else None
+    result = draw(run, n, seed, plan, run.model.conditioning.examples(test, n) if test else None)
     stem = Path(out) if out else Path(run_dir) / "samples" / f"{plan.describe()}-seed{seed}"
+    captions = [test.captions[i % len(test)] for i in range(n)] if test and test.captions else None
+    _save_samples(stem, result, plan, captions)
+    return save_samples_picture(result.x.cpu(), stem.with_suffix(".png")), result
+
+
+def _needs_examples(run: Run) -> bool:
+    """Whether samples need values from data (captions, images): then `sample` takes the test split's."""
+    return any(c.needs_examples for c in run.model.conditioning.conditions.values())
+
+
+def _save_samples(stem: Path, result: SampleOutput, plan: SamplingPlan, captions: list[str] | None) -> Path:
+    """The raw samples (.npz) with the grid's times, the guidance weight, the conditions and the captions."""
     stem.parent.mkdir(parents=True, exist_ok=True)
     arrays = {"x": result.x.cpu().numpy(), "nfe": np.array(result.nfe), "times": result.times.cpu().numpy(),
               "guidance": np.array(plan.guidance)}
     arrays.update({key: v.cpu().numpy() for key, v in result.cond.items()})
+    if captions:
+        arrays["captions"] = np.array(captions)
     np.savez(stem.with_suffix(".npz"), **arrays)
-    return save_samples_picture(result.x.cpu(), stem.with_suffix(".png")), result
+    return stem.with_suffix(".npz")
+
+
+def generate_run(run_dir: str | Path, captions: list[str], n: int = 8, seed: int = 0, out: str | Path | None = None,
+                 weights: str = "ema", sweep: list[float] | None = None, progress: bool = True,
+                 **plan_overrides) -> tuple[Path, SampleOutput]:
+    """n samples per caption of a text-conditioned run, a row per caption; with `sweep` (guidance weights), the
+    first caption once per weight, a row per weight, the same noise in every row."""
+    run = load_run(run_dir, weights)
+    plan = plan_for(run, progress=progress, **plan_overrides)
+    captions = [c if isinstance(c, str) else str(c) for c in captions]
+    ids = run.model.conditioning.for_captions(captions[:1] if sweep else captions)
+    if sweep:
+        results = [draw(run, n, seed, plan.replace(guidance=w), {k: v.repeat(n, 1) for k, v in ids.items()})
+                   for w in sweep]
+        rows, labels = [r.x for r in results], [f"w={w:g}" for w in sweep]
+        result = dataclasses.replace(results[0], x=torch.cat(rows), nfe=max(r.nfe for r in results))
+        row_captions = [captions[0]] * (n * len(sweep))
+        name = f"sweep-{plan.replace(guidance=1).describe()}-seed{seed}"
+    else:
+        index = torch.arange(len(captions)).repeat_interleave(n)
+        result = draw(run, len(index), seed, plan, {k: v[index] for k, v in ids.items()})
+        rows, labels = list(result.x.reshape(len(captions), n, *result.x.shape[1:])), captions
+        row_captions = [captions[i] for i in index]
+        name = f"generate-{plan.describe()}-seed{seed}"
+    stem = Path(out) if out else Path(run_dir) / "samples" / name
+    _save_samples(stem, result, plan, row_captions)
+    picture = save_strip([r.clamp(-1, 1).cpu() for r in rows], stem.with_suffix(".png"), labels=labels)
+    return picture, result
+
+
+def _data_options(config: dict) -> dict:
+    return {k: v for k, v in config["data"].items() if k != "name"}
 
 
 def sample_metrics(run: Run, result: SampleOutput, test: Dataset, seed: int = 0, train: Dataset | None = None) -> dict:
@@ -152,9 +199,18 @@ def sample_metrics(run: Run, result: SampleOutput, test: Dataset, seed: int = 0,
     from deepgm.eval import evaluate_samples, get_feature_net, sliced_wasserstein
 
     train = train or load_data(run.config, "train")
+    if train.attributes is not None:  # captioned scenes: fidelity in the attribute net's features, and alignment
+        from deepgm.eval.alignment import alignment
+
+        features = get_feature_net(run.config["data"]["name"], _data_options(run.config))
+        x = result.x.clamp(-1, 1).cpu()
+        rows = torch.arange(len(x)) % len(test)  # the captions Conditioning.examples gave, in order
+        out = evaluate_samples(x, features, train.x, test.x)
+        out["attribute_net_test_accuracy"] = out.pop("feature_net_test_accuracy")
+        out.update(alignment(features.predict(x), test.attributes[rows], test.mentioned[rows], test.attribute_names))
+        return out
     if train.is_image and train.num_classes:
-        data_spec = {k: v for k, v in run.config["data"].items() if k != "name"}
-        features = get_feature_net(run.config["data"]["name"], data_spec)
+        features = get_feature_net(run.config["data"]["name"], _data_options(run.config))
         return evaluate_samples(result.x.clamp(-1, 1).cpu(), features, train.x, test.x, labels=result.cond.get("y"))
     g = torch.Generator().manual_seed(seed)
     return {"sliced_wasserstein": sliced_wasserstein(result.x.cpu(), test.x, generator=g),
@@ -178,10 +234,29 @@ def evaluate_run(run_dir: str | Path, n_samples: int | None = None, seed: int = 
                      "n_samples": n_samples}
     metrics.update(sample_metrics(run, result, test, seed, train))
     metrics.update(run.model.evaluate(test, spec, seed, progress))
+    for split in dataset_splits(run.config["data"]["name"]):  # held-out splits: combinations, phrasings, ...
+        if split not in ("train", "test"):
+            held_out = run.model.conditioning.prepare(load_data(run.config, split))
+            part = draw(run, n_samples, seed, plan, run.model.conditioning.examples(held_out, n_samples))
+            metrics.update({f"{split}/{k}": v for k, v in sample_metrics(run, part, held_out, seed, train).items()
+                            if not k.startswith(("fid_floor", "attribute_net"))})
+            if held_out.captions:
+                captioned_rows(run, held_out, plan, seed, run_dir / f"eval_{split}.png")
     write_json(run_dir / "eval.json", metrics)
     save_samples_picture(result.x[:64].cpu(), run_dir / "eval_samples.png", train.x[:2000])
+    if test.captions:
+        captioned_rows(run, test, plan, seed, run_dir / "eval_captions.png")
     run.model.pictures(test, run_dir, seed)
     return metrics
+
+
+def captioned_rows(run: Run, data: Dataset, plan: SamplingPlan, seed: int, path: Path, rows: int = 8,
+                   per_caption: int = 6) -> Path:
+    """A picture: the first `rows` captions of data, each with `per_caption` samples, the caption beside its row."""
+    index = torch.arange(rows).repeat_interleave(per_caption)
+    cond = {k: v[index] for k, v in run.model.conditioning.examples(data, rows).items()}
+    x = draw(run, len(index), seed, plan, cond).x.clamp(-1, 1).cpu()
+    return save_strip(list(x.reshape(rows, per_caption, *x.shape[1:])), path, labels=data.captions[:rows])
 
 
 def likelihood_run(run_dir: str | Path, n_examples: int | None = None, seed: int = 0, weights: str = "ema",

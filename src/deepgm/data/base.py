@@ -29,6 +29,7 @@ class Dataset:
     attributes: torch.Tensor | None = field(default=None, repr=False)
     attribute_names: tuple[str, ...] = ()
     attribute_values: dict[str, list[str]] = field(default_factory=dict, repr=False)
+    mentioned: torch.Tensor | None = field(default=None, repr=False)  # (N, A) bool: what each caption names
     # per-example tensors a model's condition derived from the data (e.g. caption token ids): in every batch
     extras: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
@@ -105,6 +106,13 @@ def load_dataset(name: str, split: str = "train", **options) -> Dataset:
         return _REGISTRY[name](split, **options)
     except TypeError as err:  # an option the loader does not take
         raise ValueError(f"bad options for dataset {name!r}: {err}") from None
+
+
+def dataset_splits(name: str) -> tuple[str, ...]:
+    """The splits of a registered dataset: 'train', 'test' and any held-out ones."""
+    if name not in _SPLITS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(_REGISTRY)}")
+    return _SPLITS[name]
 
 
 def available_datasets() -> list[str]:

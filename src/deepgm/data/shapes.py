@@ -381,4 +381,17 @@ def load_shapes(
         attributes=torch.tensor(rows, dtype=torch.long),
         attribute_names=ATTRIBUTE_NAMES,
         attribute_values={name: list(values) for name, values in ATTRIBUTE_VALUES.items()},
+        mentioned=mentioned(torch.tensor(rows, dtype=torch.long)),
     )
+
+
+def mentioned(attributes: torch.Tensor) -> torch.Tensor:
+    """(N, A) bool: the attributes a caption names, which alignment checks. Every caption names the number of
+    objects and each object's size, colour and shape; one-object captions name the position, two-object captions
+    the relation instead of the positions."""
+    present = attributes >= 0
+    two = attributes[:, COLUMN["n_objects"]] == ATTRIBUTE_VALUES["n_objects"].index("two")
+    positions = torch.zeros_like(present)
+    for name in ("position0", "position1"):
+        positions[:, COLUMN[name]] = True
+    return present & ~(positions & two[:, None])
