@@ -206,7 +206,8 @@ def sample_metrics(run: Run, result: SampleOutput, test: Dataset, seed: int = 0,
         x = result.x.clamp(-1, 1).cpu()
         rows = torch.arange(len(x)) % len(test)  # the captions Conditioning.examples gave, in order
         out = evaluate_samples(x, features, train.x, test.x)
-        out["attribute_net_test_accuracy"] = out.pop("feature_net_test_accuracy")
+        out["attribute_net_test_accuracy"] = out.pop("feature_net_test_accuracy")  # every attribute right
+        out.update({f"attribute_net_accuracy_{k}": v for k, v in (features.attribute_accuracy or {}).items()})
         out.update(alignment(features.predict(x), test.attributes[rows], test.mentioned[rows], test.attribute_names))
         return out
     if train.is_image and train.num_classes:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -49,6 +50,15 @@ class Dataset:
     @property
     def is_image(self) -> bool:
         return self.x.dim() == 4
+
+    def subset(self, index: torch.Tensor) -> Dataset:
+        """The examples at `index` as a Dataset of their own, every per-example field sliced alike."""
+        index = torch.as_tensor(index, dtype=torch.long)
+        pick = lambda v: None if v is None else v[index]  # noqa: E731
+        return dataclasses.replace(
+            self, x=self.x[index], y=pick(self.y), attributes=pick(self.attributes), mentioned=pick(self.mentioned),
+            captions=None if self.captions is None else [self.captions[i] for i in index.tolist()],
+            extras={k: v[index] for k, v in self.extras.items()})
 
     def batch(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
         """The examples at `index` as a batch dict with keys x (and y when labelled, and the extras)."""
