@@ -94,8 +94,10 @@ def main(argv=None) -> int:
     lines = [f"Guidance on `{args.run}` (step {run.step}, encoder {run.model.conditioning['text'].encoder_name}): "
              f"{args.n} samples per cell, {args.sampler} {args.steps} steps, one per caption, the same noise in "
              f"every cell. Alignment: all attributes the caption names, read by the attribute classifier (all "
-             f"attributes right on {features.test_accuracy:.3f} of real test scenes); FID in its features, floor "
-             f"at the same n {floor:.2f}.", "",
+             f"attributes right on {features.test_accuracy:.3f} of real test scenes; the real images of the same "
+             f"captions count as aligned {rows[0]['alignment_of_real_images']:.3f} / "
+             f"{rows[0]['test-combos/alignment_of_real_images']:.3f} (test / held-out combinations), the ceiling "
+             f"this classifier allows); FID in its features, floor at the same n {floor:.2f}.", "",
              "| threshold | w | NFE | alignment (test) | alignment (held-out combinations) | FID |",
              "|---|---:|---:|---:|---:|---:|"]
     for r in rows:

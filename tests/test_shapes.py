@@ -309,14 +309,31 @@ def test_bad_requests_raise_value_error():
         shapes.caption(one_object("circle"), np.random.default_rng(0), phrasing="valid")
 
 
-def test_mentioned_marks_what_captions_name():
-    from deepgm.data.shapes import COLUMN
+def test_agreement_of_read_attributes_with_the_caption():
+    from deepgm.data.shapes import COLUMN, agreement, canonical
 
-    data = load_dataset("shapes", "train", n=200)
-    one = data.attributes[:, COLUMN["n_objects"]] == 0
-    assert one.any() and (~one).any()
-    m = data.mentioned
-    assert m[one][:, COLUMN["position0"]].all() and not m[one][:, COLUMN["relation"]].any()
-    assert not m[~one][:, COLUMN["position0"]].any() and m[~one][:, COLUMN["relation"]].all()
-    assert m[:, [COLUMN[c] for c in ("n_objects", "shape0", "colour0", "size0")]].all()
-    assert m[~one][:, COLUMN["shape1"]].all() and not m[one][:, COLUMN["shape1"]].any()
+    data = load_dataset("shapes", "test", n=300)
+    exact = agreement(canonical(data.attributes), data.attributes)
+    assert all(bool(v.all()) for v in exact.values())  # reading the image exactly agrees with every caption
+    two = data.attributes[:, COLUMN["n_objects"]] == 1
+    read = canonical(data.attributes)
+    swapped = read.clone()  # the classifier's object order does not matter: objects are matched by what they are
+    for kind in ("shape", "colour", "size", "position"):
+        a, b = COLUMN[f"{kind}0"], COLUMN[f"{kind}1"]
+        swapped[two, a], swapped[two, b] = read[two, b], read[two, a]
+    assert all(bool(v.all()) for v in agreement(swapped, data.attributes).values())
+    wrong = read.clone()
+    wrong[:, COLUMN["colour0"]] = (wrong[:, COLUMN["colour0"]] + 1) % len(COLOURS)
+    out = agreement(wrong, data.attributes)
+    assert not out["colour"].any() and out["shape"].all()
+    moved = read.clone()  # both objects read in each other's cells: the caption's relation fails
+    moved[two, COLUMN["position0"]], moved[two, COLUMN["position1"]] = (read[two, COLUMN["position1"]],
+                                                                      read[two, COLUMN["position0"]])
+    out = agreement(moved, data.attributes)
+    alike = two & torch.stack([read[:, COLUMN[f"{k}0"]] == read[:, COLUMN[f"{k}1"]]
+                               for k in ("shape", "colour", "size")]).all(0)  # either matching is right for these
+    assert not out["relation"][two & ~alike].any() and out["relation"][~two | alike].all() and out["shape"].all()
+    one = ~two
+    off = read.clone()
+    off[one, COLUMN["position0"]] = (off[one, COLUMN["position0"]] + 1) % 9
+    assert not agreement(off, data.attributes)["position"][one].any()

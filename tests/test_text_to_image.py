@@ -70,15 +70,13 @@ def test_dropped_captions_are_empty_and_guidance_is_exact_at_0_and_1():
         torch.testing.assert_close(guided.x0, uncond.x0 + 4 * (cond.x0 - uncond.x0), atol=1e-4, rtol=1e-4)
 
 
-def test_alignment_counts_only_what_the_caption_names():
-    names = ("n_objects", "shape0", "position0", "relation")
-    wanted = torch.tensor([[0, 2, 4, -1], [1, 1, 3, 0]])
-    mentioned = torch.tensor([[True, True, True, False], [True, True, False, True]])
-    predicted = torch.tensor([[0, 2, 4, 3], [1, 1, 0, 0]])  # wrong only where the caption is silent
-    assert alignment(predicted, wanted, mentioned, names)["alignment"] == 1.0
-    predicted[1, 3] = 2  # the wrong relation
-    out = alignment(predicted, wanted, mentioned, names)
-    assert out["alignment"] == 0.5 and out["alignment_relation"] == 0.0 and out["alignment_shape"] == 1.0
+def test_alignment_is_every_kind_agreeing():
+    agree = {"shape": torch.tensor([True, True, False, True]), "colour": torch.tensor([True, False, False, True])}
+    out = alignment(agree)
+    assert out["alignment"] == 0.5 and out["alignment_shape"] == 0.75 and out["alignment_colour"] == 0.5
+    assert out["alignment_ci95"] == pytest.approx(1.96 * (0.25 / 4) ** 0.5)
+    with pytest.raises(ValueError, match="same length"):
+        alignment({"shape": torch.ones(3, dtype=torch.bool), "colour": torch.ones(2, dtype=torch.bool)})
 
 
 @pytest.fixture(scope="module")

@@ -208,7 +208,10 @@ def sample_metrics(run: Run, result: SampleOutput, test: Dataset, seed: int = 0,
         out = evaluate_samples(x, features, train.x, test.x)
         out["attribute_net_test_accuracy"] = out.pop("feature_net_test_accuracy")  # every attribute right
         out.update({f"attribute_net_accuracy_{k}": v for k, v in (features.attribute_accuracy or {}).items()})
-        out.update(alignment(features.predict(x), test.attributes[rows], test.mentioned[rows], test.attribute_names))
+        out.update(alignment(test.agreement(features.predict(x), test.attributes[rows])))
+        # the ceiling the classifier allows: the same captions' real images, read the same way
+        real = test.agreement(features.predict(test.x[rows]), test.attributes[rows])
+        out["alignment_of_real_images"] = alignment(real)["alignment"]
         return out
     if train.is_image and train.num_classes:
         features = get_feature_net(run.config["data"]["name"], _data_options(run.config))

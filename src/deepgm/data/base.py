@@ -30,7 +30,10 @@ class Dataset:
     attributes: torch.Tensor | None = field(default=None, repr=False)
     attribute_names: tuple[str, ...] = ()
     attribute_values: dict[str, list[str]] = field(default_factory=dict, repr=False)
-    mentioned: torch.Tensor | None = field(default=None, repr=False)  # (N, A) bool: what each caption names
+    # attributes -> the order an image shows them in (what a classifier can read), and (read, caption's) -> per
+    # kind of attribute, (N,) bool: does the image show what the caption says (deepgm.data.shapes.agreement)
+    canonical: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, repr=False)
+    agreement: Callable[[torch.Tensor, torch.Tensor], dict] | None = field(default=None, repr=False)
     # per-example tensors a model's condition derived from the data (e.g. caption token ids): in every batch
     extras: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
@@ -56,7 +59,7 @@ class Dataset:
         index = torch.as_tensor(index, dtype=torch.long)
         pick = lambda v: None if v is None else v[index]  # noqa: E731
         return dataclasses.replace(
-            self, x=self.x[index], y=pick(self.y), attributes=pick(self.attributes), mentioned=pick(self.mentioned),
+            self, x=self.x[index], y=pick(self.y), attributes=pick(self.attributes),
             captions=None if self.captions is None else [self.captions[i] for i in index.tolist()],
             extras={k: v[index] for k, v in self.extras.items()})
 

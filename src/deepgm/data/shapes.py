@@ -149,6 +149,60 @@ def relations_between(position0: int, position1: int) -> list[str]:
     return [rel for rel in RELATIONS if holds[rel]]
 
 
+_OBJECT_KINDS = ("shape", "colour", "size", "position")
+_INVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+
+
+def canonical(attributes: torch.Tensor) -> torch.Tensor:
+    """Attribute rows with the two objects of a scene in reading order (object 0 in the earlier cell) and the
+    relation turned with them: what an image alone determines, so what a classifier can be trained to read."""
+    out = attributes.clone()
+    swap = (out[:, COLUMN["n_objects"]] == 1) & (out[:, COLUMN["position0"]] > out[:, COLUMN["position1"]])
+    for kind in _OBJECT_KINDS:
+        a, b = COLUMN[f"{kind}0"], COLUMN[f"{kind}1"]
+        out[swap, a], out[swap, b] = attributes[swap, b], attributes[swap, a]
+    inverse = torch.tensor([RELATIONS.index(_INVERSE[r]) for r in RELATIONS])
+    rel = COLUMN["relation"]
+    out[swap, rel] = inverse[attributes[swap, rel]]
+    return out
+
+
+def agreement(predicted: torch.Tensor, wanted: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per kind of attribute, (N,) bool: does an image whose attributes a classifier read as `predicted`
+    (canonical order) show what a caption with attributes `wanted` says? Two-object captions name objects by
+    shape, colour and size and one relation between them, not their cells: the named objects are matched to the
+    read ones (in the order that agrees best) and the relation must hold between the cells they were read in.
+    Kinds a caption does not name count as agreeing."""
+    wanted = canonical(wanted)
+    n_right = predicted[:, COLUMN["n_objects"]] == wanted[:, COLUMN["n_objects"]]
+    two = wanted[:, COLUMN["n_objects"]] == 1
+    cols = {kind: [COLUMN[f"{kind}0"], COLUMN[f"{kind}1"]] for kind in _OBJECT_KINDS}
+    named = ("shape", "colour", "size")
+    same = {k: predicted[:, cols[k]] == wanted[:, cols[k]] for k in named}  # (N, 2) in order
+    crossed = {k: predicted[:, cols[k][::-1]] == wanted[:, cols[k]] for k in named}  # read objects swapped
+    score = lambda m: sum(m[k].sum(1) for k in named)  # noqa: E731
+    pos = predicted[:, cols["position"]]
+    holds_same, holds_crossed = _relation_holds(wanted, pos, two), _relation_holds(wanted, pos.flip(1), two)
+    # the matching that agrees on more named attributes; on a tie (two alike objects), the one the relation allows
+    flip = two & ((score(crossed) > score(same)) | ((score(crossed) == score(same)) & holds_crossed & ~holds_same))
+    out = {"n_objects": n_right}
+    for k in named:
+        matched = torch.where(flip[:, None], crossed[k], same[k])
+        out[k] = matched[:, 0] & (matched[:, 1] | ~two)
+    out["position"] = two | (predicted[:, COLUMN["position0"]] == wanted[:, COLUMN["position0"]])
+    out["relation"] = ~two | torch.where(flip, holds_crossed, holds_same)
+    return out
+
+
+def _relation_holds(wanted: torch.Tensor, cells: torch.Tensor, two: torch.Tensor) -> torch.Tensor:
+    """(N,) bool: the caption's relation 'object 0 <rel> object 1' holds between the read cells (N, 2)."""
+    holds = torch.zeros_like(two)
+    for i in torch.nonzero(two & (cells >= 0).all(1) & (cells[:, 0] != cells[:, 1])).flatten().tolist():
+        relation = RELATIONS[int(wanted[i, COLUMN["relation"]])]
+        holds[i] = relation in relations_between(int(cells[i, 0]), int(cells[i, 1]))
+    return holds
+
+
 def _sample_pair(rng: np.random.Generator, held_out: bool) -> tuple[int, int]:
     """(colour, shape) indices, either a held-out pair or one of the pairs seen in training."""
     pairs = HELD_OUT_PAIRS if held_out else _SEEN_PAIRS
@@ -381,17 +435,6 @@ def load_shapes(
         attributes=torch.tensor(rows, dtype=torch.long),
         attribute_names=ATTRIBUTE_NAMES,
         attribute_values={name: list(values) for name, values in ATTRIBUTE_VALUES.items()},
-        mentioned=mentioned(torch.tensor(rows, dtype=torch.long)),
+        canonical=canonical,
+        agreement=agreement,
     )
-
-
-def mentioned(attributes: torch.Tensor) -> torch.Tensor:
-    """(N, A) bool: the attributes a caption names, which alignment checks. Every caption names the number of
-    objects and each object's size, colour and shape; one-object captions name the position, two-object captions
-    the relation instead of the positions."""
-    present = attributes >= 0
-    two = attributes[:, COLUMN["n_objects"]] == ATTRIBUTE_VALUES["n_objects"].index("two")
-    positions = torch.zeros_like(present)
-    for name in ("position0", "position1"):
-        positions[:, COLUMN[name]] = True
-    return present & ~(positions & two[:, None])
