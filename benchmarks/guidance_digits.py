@@ -43,10 +43,9 @@ def balanced(labels: torch.Tensor, n: int) -> torch.Tensor:
 
 def trade_off_figure(rows: list[dict], weights, floor: float, n: int, path: Path) -> None:
     """Accuracy and FID against w, one curve per thresholding, the FID floor dashed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from deepgm.viz.plots import save_figure  # sets the Agg backend
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     for t in THRESHOLDS:
@@ -59,9 +58,7 @@ def trade_off_figure(rows: list[dict], weights, floor: float, n: int, path: Path
     for ax in (left, right):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def main(argv=None) -> int:

@@ -26,10 +26,9 @@ SPLITS = ("test", "test-combos", "test-phrasings")
 
 
 def bar_figure(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from deepgm.viz.plots import save_figure  # sets the Agg backend
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     names = [f"{r['encoder']}\n{r['parameters'] / 1e6:.1f}M" for r in rows]
@@ -45,9 +44,7 @@ def bar_figure(rows: list[dict], path: Path) -> None:
     right.set_xticks(range(len(rows)), names, fontsize=8)
     right.set(ylabel="FID vs test scenes", title="fidelity by encoder (lower is better)")
     right.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def main(argv=None) -> int:

@@ -29,10 +29,9 @@ SPLITS = ("test", "test-combos")
 
 
 def pareto_figure(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from deepgm.viz.plots import save_figure  # sets the Agg backend
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for t in THRESHOLDS:
@@ -46,9 +45,7 @@ def pareto_figure(rows: list[dict], path: Path) -> None:
            title="guidance: alignment against fidelity")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def main(argv=None) -> int:

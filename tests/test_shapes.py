@@ -337,3 +337,13 @@ def test_agreement_of_read_attributes_with_the_caption():
     off = read.clone()
     off[one, COLUMN["position0"]] = (off[one, COLUMN["position0"]] + 1) % 9
     assert not agreement(off, data.attributes)["position"][one].any()
+
+
+def test_the_evaluator_split_covers_every_colour_shape_pair():
+    """Evaluation networks must read held-out combinations too, so they train on every pair."""
+    from deepgm.data.shapes import has_held_out_pair
+
+    data = load_dataset("shapes", "evaluator", n=400)
+    assert any(has_held_out_pair(row) for row in data.attributes.tolist())
+    pairs = {(o["colour"], o["shape"]) for row in data.attributes.tolist() for o in shapes.objects(row)}
+    assert len(pairs) == len(COLOURS) * len(SHAPES)

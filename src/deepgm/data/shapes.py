@@ -20,8 +20,10 @@ from PIL import Image, ImageDraw
 
 from deepgm.data.base import Dataset, register
 
-SPLITS = ("train", "test", "test-combos", "test-phrasings")
-DEFAULT_N = {"train": 20000, "test": 2000, "test-combos": 2000, "test-phrasings": 2000}
+# 'evaluator': scenes over every colour-shape pair, for training evaluation networks (the attribute classifier
+# must read held-out combinations too); never for training a generative model
+SPLITS = ("train", "test", "test-combos", "test-phrasings", "evaluator")
+DEFAULT_N = {"train": 20000, "test": 2000, "test-combos": 2000, "test-phrasings": 2000, "evaluator": 20000}
 SIZES_ALLOWED = (8, 16, 32, 64)
 LEVELS = 256
 
@@ -203,25 +205,28 @@ def _relation_holds(wanted: torch.Tensor, cells: torch.Tensor, two: torch.Tensor
     return holds
 
 
-def _sample_pair(rng: np.random.Generator, held_out: bool) -> tuple[int, int]:
-    """(colour, shape) indices, either a held-out pair or one of the pairs seen in training."""
-    pairs = HELD_OUT_PAIRS if held_out else _SEEN_PAIRS
+def _sample_pair(rng: np.random.Generator, held_out: bool | None) -> tuple[int, int]:
+    """(colour, shape) indices: a held-out pair, one of the pairs seen in training, or (None) any pair."""
+    pairs = _ALL_PAIRS if held_out is None else HELD_OUT_PAIRS if held_out else _SEEN_PAIRS
     colour, shape = pairs[rng.integers(len(pairs))]
     return list(COLOURS).index(colour), SHAPES.index(shape)
 
 
-_SEEN_PAIRS = tuple((c, s) for c in COLOURS for s in SHAPES if (c, s) not in HELD_OUT_PAIRS)
+_ALL_PAIRS = tuple((c, s) for c in COLOURS for s in SHAPES)
+_SEEN_PAIRS = tuple(pair for pair in _ALL_PAIRS if pair not in HELD_OUT_PAIRS)
 
 
-def sample_scene(rng: np.random.Generator, two_objects: float = 0.5, combos: bool = False) -> list[int]:
-    """One attribute row: cells drawn without replacement; with `combos` exactly one object is a held-out pair."""
+def sample_scene(rng: np.random.Generator, two_objects: float = 0.5, combos: bool = False,
+                 any_pair: bool = False) -> list[int]:
+    """One attribute row: cells drawn without replacement; with `combos` exactly one object is a held-out pair,
+    with `any_pair` every object is any colour-shape pair."""
     count = 2 if rng.random() < two_objects else 1
     cells = rng.choice(len(POSITIONS), size=count, replace=False)
     held_out_index = rng.integers(count) if combos else -1
     row = [-1] * len(ATTRIBUTE_NAMES)
     row[COLUMN["n_objects"]] = count - 1
     for k in range(count):
-        colour, shape = _sample_pair(rng, held_out=k == held_out_index)
+        colour, shape = _sample_pair(rng, held_out=None if any_pair else k == held_out_index)
         row[COLUMN[f"shape{k}"]], row[COLUMN[f"colour{k}"]] = shape, colour
         row[COLUMN[f"size{k}"]] = int(rng.integers(len(OBJECT_SIZES)))
         row[COLUMN[f"position{k}"]] = int(cells[k])
@@ -402,7 +407,7 @@ def _rng(seed: int, split: str, index: int) -> np.random.Generator:
 def sample_example(seed: int, split: str, index: int, two_objects: float = 0.5) -> tuple[list[int], str]:
     """The attribute row and caption of example `index` of a split."""
     rng = _rng(seed, split, index)
-    row = sample_scene(rng, two_objects, combos=split == "test-combos")
+    row = sample_scene(rng, two_objects, combos=split == "test-combos", any_pair=split == "evaluator")
     return row, caption(row, rng, phrasing="test" if split == "test-phrasings" else "train")
 
 

@@ -26,7 +26,11 @@ FEATURE_DIM = 64
 TRAIN_SETTINGS = {"arch": "digitcnn-v1", "epochs": 20, "batch_size": 64, "lr": 2e-3, "weight_decay": 1e-4,
                   "shift": 1, "feature_dim": FEATURE_DIM, "width": 32}
 # attributes: no random shifts (positions are attributes), fewer epochs over the larger scene sets
-ATTRIBUTE_SETTINGS = {**TRAIN_SETTINGS, "arch": "attrcnn-v2", "epochs": 15, "shift": 0}
+# trained on the 'evaluator' split (every colour-shape pair, so held-out combinations are read too); SiLU, not
+# ReLU: ReLU left half the feature units dead on these scenes, a singular covariance that made FID explode
+ATTRIBUTE_SETTINGS = {**TRAIN_SETTINGS, "arch": "attrcnn-v3", "epochs": 15, "shift": 0, "activation": "silu",
+                      "train_split": "evaluator"}
+ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU}
 
 
 class DigitClassifier(nn.Module):
@@ -34,17 +38,18 @@ class DigitClassifier(nn.Module):
     num_classes: one class count, or one per head (the logits of the heads side by side)."""
 
     def __init__(self, in_channels: int = 1, num_classes: int | tuple[int, ...] = 10, width: int = 32,
-                 feature_dim: int = FEATURE_DIM):
+                 feature_dim: int = FEATURE_DIM, activation: str = "relu"):
         super().__init__()
         self.heads = (num_classes,) if isinstance(num_classes, int) else tuple(num_classes)
+        act = ACTIVATIONS[activation]
         self.body = nn.Sequential(
-            nn.Conv2d(in_channels, width, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(in_channels, width, 3, padding=1), act(),
+            nn.Conv2d(width, width, 3, padding=1), act(),
             nn.MaxPool2d(2),
-            nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 3, padding=1), act(),
             nn.AdaptiveAvgPool2d(4),
             nn.Flatten(),
-            nn.Linear(2 * width * 16, feature_dim), nn.ReLU(),
+            nn.Linear(2 * width * 16, feature_dim), act(),
         )
         self.head = nn.Linear(feature_dim, sum(self.heads))
 
@@ -121,7 +126,8 @@ def _train(train_x, train_y, num_classes: int | tuple[int, ...], seed: int, sett
     generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = DigitClassifier(train_x.shape[1], num_classes, settings["width"], settings["feature_dim"])
+        model = DigitClassifier(train_x.shape[1], num_classes, settings["width"], settings["feature_dim"],
+                                settings.get("activation", "relu"))
     steps_per_epoch = -(-len(train_x) // settings["batch_size"])
     opt = torch.optim.AdamW(model.parameters(), lr=settings["lr"], weight_decay=settings["weight_decay"])
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, settings["lr"], total_steps=settings["epochs"] * steps_per_epoch)
@@ -153,7 +159,7 @@ def _load_cached(stem: Path, name: str) -> FeatureNet | None:
         meta = json.loads(meta_path.read_text())
         s = meta["settings"]
         heads = tuple(meta["heads"]) if "heads" in meta else meta["num_classes"]
-        model = DigitClassifier(meta["in_channels"], heads, s["width"], s["feature_dim"])
+        model = DigitClassifier(meta["in_channels"], heads, s["width"], s["feature_dim"], s.get("activation", "relu"))
         model.load_state_dict(load_file(weights_path))
     except (OSError, ValueError, KeyError, RuntimeError):
         return None  # corrupt or from an incompatible version: retrain
@@ -180,7 +186,8 @@ def get_feature_net(dataset: str = "digits", dataset_options: dict | None = None
     if cached is not None:
         return cached
 
-    train, test = load_dataset(dataset, "train", **options), load_dataset(dataset, "test", **options)
+    train = load_dataset(dataset, settings.get("train_split", "train"), **options)
+    test = load_dataset(dataset, "test", **options)
     if attributes:
         heads = tuple(len(train.attribute_values[name]) + 1 for name in train.attribute_names)  # + "absent"
         read = train.canonical or (lambda a: a)  # the order the image shows (objects in reading order)

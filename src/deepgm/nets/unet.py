@@ -57,14 +57,18 @@ class ResBlock(nn.Module):
         return self.skip(x) + h
 
 
+def _check_heads(channels: int, num_heads: int, block: str) -> None:
+    if channels % num_heads:
+        raise ValueError(f"num_heads={num_heads} must divide the {channels} channels of the {block}; "
+                         f"choose num_heads or channels accordingly")
+
+
 class AttentionBlock(nn.Module):
     """Multi-head self-attention over the H*W positions of a feature map, as a residual branch."""
 
     def __init__(self, channels: int, num_heads: int = 4):
         super().__init__()
-        if channels % num_heads:
-            raise ValueError(f"num_heads={num_heads} must divide the {channels} channels of the "
-                             f"attention block; choose num_heads or channels accordingly")
+        _check_heads(channels, num_heads, "attention block")
         self.heads = num_heads
         self.norm = _norm(channels)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
@@ -89,9 +93,7 @@ class CrossAttentionBlock(nn.Module):
 
     def __init__(self, channels: int, context_dim: int, num_heads: int = 4):
         super().__init__()
-        if channels % num_heads:
-            raise ValueError(f"num_heads={num_heads} must divide the {channels} channels of the "
-                             f"cross-attention block; choose num_heads or channels accordingly")
+        _check_heads(channels, num_heads, "cross-attention block")
         self.heads = num_heads
         self.norm = _norm(channels)
         self.q = nn.Linear(channels, channels)

@@ -16,11 +16,12 @@ import torch  # noqa: E402
 LOG_SPAN = 3.0  # log-y only for positive curves spanning at least this factor: narrower ones read better linear
 
 
-def _finish(fig, path: str | Path) -> Path:
+def save_figure(fig, path: str | Path, dpi: int = 100) -> Path:
+    """Lay out, save (making the folder) and close a matplotlib figure."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
 
@@ -72,7 +73,7 @@ def plot_metrics(metrics_jsonl: str | Path, path: str | Path, keys: list[str] | 
         fig, ax = plt.subplots(figsize=(4, 2))
         ax.text(0.5, 0.5, "no metrics logged yet", ha="center", va="center")
         ax.set_axis_off()
-        return _finish(fig, path)
+        return save_figure(fig, path)
     ncols = min(3, len(available))
     nrows = math.ceil(len(available) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3 * nrows), squeeze=False)
@@ -93,7 +94,7 @@ def plot_metrics(metrics_jsonl: str | Path, path: str | Path, keys: list[str] | 
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(available):]:
         ax.set_axis_off()
-    return _finish(fig, path)
+    return save_figure(fig, path)
 
 
 def _numpy(x: torch.Tensor) -> np.ndarray:
@@ -116,7 +117,7 @@ def scatter_2d(points: torch.Tensor, path: str | Path, reference: torch.Tensor |
         ax.legend(loc="upper right", markerscale=3, fontsize=8)
     if title:
         ax.set_title(title)
-    return _finish(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_curves(xs, ys_by_label: dict[str, list], path: str | Path, xlabel: str, ylabel: str,
@@ -137,4 +138,4 @@ def plot_curves(xs, ys_by_label: dict[str, list], path: str | Path, xlabel: str,
     if ys_by_label:
         ax.legend(fontsize=8)
     ax.grid(alpha=0.3, which="both")
-    return _finish(fig, path)
+    return save_figure(fig, path)

@@ -25,7 +25,7 @@ def _square(ax, lim: float) -> None:
     ax.set_yticks([])
 
 
-def _finish(fig, path: str | Path) -> Path:
+def save_figure(fig, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")
@@ -63,7 +63,7 @@ def plot_score_field(denoiser, path: str | Path, data: torch.Tensor | None = Non
         lam = float(denoiser.schedule.log_snr(torch.tensor(t, dtype=torch.float64)))
         ax.set_title(f"score direction at t={t:g} (log-SNR {lam:.1f})\ncolour: log |score|", fontsize=9)
         _square(ax, lim)
-    return _finish(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_trajectories(denoiser, path: str | Path, data: torch.Tensor | None = None, n: int = 16, steps: int = 200,
@@ -92,7 +92,7 @@ def plot_trajectories(denoiser, path: str | Path, data: torch.Tensor | None = No
         ax.set_ylim(-lim, lim)
         ax.set_aspect("equal")
         ax.legend(loc="upper right", fontsize=8)
-    return _finish(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_ode_density(denoiser, path: str | Path, data: torch.Tensor, lim: float = 3.0, n: int = 90,
@@ -113,7 +113,7 @@ def plot_ode_density(denoiser, path: str | Path, data: torch.Tensor, lim: float 
             ax.pcolormesh(gx, gy, np.exp(values), shading="gouraud", cmap="magma", vmin=0, vmax=vmax)
         ax.set_title(title, fontsize=10)
         _square(ax, lim)
-    return _finish(fig, path)
+    return save_figure(fig, path)
 
 
 def score_pictures(denoiser, out_dir: str | Path, data: torch.Tensor, true_log_prob=None, lim: float = 3.0,
