@@ -7,7 +7,7 @@ by the attribute classifier trained on real scenes, all match what the caption n
 in that classifier's features against the test scenes, beside the data's floor (training vs test scenes at the
 same n). Writes a table and a Pareto plot (alignment against FID, one curve per thresholding).
 
-Run:  python benchmarks/t2i_guidance.py RUN_DIR [--n 500] [--steps 50] [--out benchmarks/results]
+Run:  python benchmarks/t2i_guidance.py RUN_DIR [--n 256] [--sampler ddpm] [--steps 100] [--out benchmarks/results]
 """
 
 from __future__ import annotations
@@ -51,9 +51,10 @@ def pareto_figure(rows: list[dict], path: Path) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("run", help="a trained text-conditioned run on shapes")
-    parser.add_argument("--n", type=int, default=500, help="samples per cell (one per caption)")
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--sampler", default="ddim")
+    parser.add_argument("--n", type=int, default=256, help="samples per cell (one per caption)")
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--sampler", default="ddpm", help="ancestral by default: the ODE samplers give the base "
+                                                           "model wrong backgrounds (README)")
     parser.add_argument("--weights", type=float, nargs="+", default=list(WEIGHTS))
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--name", default="t2i_guidance", help="stem of the result files")
