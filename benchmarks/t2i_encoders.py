@@ -19,7 +19,7 @@ from pathlib import Path
 from deepgm.config import load_config
 from deepgm.family import SamplingPlan
 from deepgm.files import write_json, write_text
-from deepgm.pipeline import draw, load_data, load_run, sample_metrics, train_run
+from deepgm.pipeline import draw, load_data, load_prepared, load_run, sample_metrics, train_run
 
 ENCODERS = ("bow", "minilm-l6:2", "minilm-l3", "minilm-l6")
 SPLITS = ("test", "test-combos", "test-phrasings")
@@ -69,7 +69,7 @@ def main(argv=None) -> int:
         text = run.model.conditioning["text"]
         row = {"encoder": encoder, "parameters": text.encoder.num_parameters, "step": run.step}
         for split in SPLITS:
-            test = run.model.conditioning.prepare(load_data(run.config, split))
+            test = load_prepared(run, split)
             m = sample_metrics(run, draw(run, args.n, 0, plan, run.model.conditioning.examples(test, args.n)),
                                test, 0, train)
             prefix = "" if split == "test" else f"{split}/"

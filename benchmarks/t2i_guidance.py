@@ -21,7 +21,7 @@ from deepgm.eval import get_feature_net
 from deepgm.eval.metrics import fid
 from deepgm.family import SamplingPlan
 from deepgm.files import write_json, write_text
-from deepgm.pipeline import draw, load_data, load_run, sample_metrics
+from deepgm.pipeline import draw, load_data, load_prepared, load_run, sample_metrics
 
 WEIGHTS = (1.0, 2.0, 3.0, 5.0, 8.0, 12.0)
 THRESHOLDS = ("static", "dynamic:0.995")
@@ -63,7 +63,7 @@ def main(argv=None) -> int:
     if "text" not in run.model.conditioning:
         parser.error(f"{args.run} is not text-conditioned; train t2i-shapes-base")
     train = load_data(run.config, "train")
-    data = {s: run.model.conditioning.prepare(load_data(run.config, s)) for s in SPLITS}
+    data = {s: load_prepared(run, s) for s in SPLITS}
     features = get_feature_net(run.config["data"]["name"], {k: v for k, v in run.config["data"].items()
                                                              if k != "name"})
     floor = fid(features.features(train.x[: args.n]), features.features(data["test"].x))

@@ -125,6 +125,11 @@ def load_run(run_dir: str | Path, weights: str = "ema", device: str = "cpu") -> 
     return Run(config=config, model=model, data=spec, weights=weights, step=step)
 
 
+def load_prepared(run: Run, split: str) -> Dataset:
+    """A split of the run's data with what the model's conditions derive from it (caption token ids)."""
+    return run.model.conditioning.prepare(load_data(run.config, split))
+
+
 def draw(run: Run, n: int, seed: int, plan: SamplingPlan, cond: dict | None = None) -> SampleOutput:
     """n samples of a loaded run; sample i depends only on (seed, i) (deepgm.family.generate_chunked)."""
     return generate_chunked(run.model, n, seed, plan, cond)
@@ -136,7 +141,7 @@ def sample_run(run_dir: str | Path, n: int = 64, seed: int = 0, out: str | Path 
     run; plan_overrides (sampler, steps, grid, guidance, threshold, options) replace the config's `sample:`."""
     run = load_run(run_dir, weights)
     plan = plan_for(run, progress=progress, **plan_overrides)
-    test = run.model.conditioning.prepare(load_data(run.config, "test")) if _needs_examples(run) else None
+    test = load_prepared(run, "test") if _needs_examples(run) else None
     result = draw(run, n, seed, plan, run.model.conditioning.examples(test, n) if test else None)
     stem = Path(out) if out else Path(run_dir) / "samples" / f"{plan.describe()}-seed{seed}"
     captions = [test.captions[i % len(test)] for i in range(n)] if test and test.captions else None
@@ -231,7 +236,7 @@ def evaluate_run(run_dir: str | Path, n_samples: int | None = None, seed: int = 
         spec["vlb_examples"] = vlb_examples
     n_samples = n_samples or spec["n_samples"]
     plan = plan_for(run, "eval", progress=progress, **plan_overrides)
-    train, test = load_data(run.config, "train"), run.model.conditioning.prepare(load_data(run.config, "test"))
+    train, test = load_data(run.config, "train"), load_prepared(run, "test")
     result = draw(run, n_samples, seed, plan, run.model.conditioning.examples(test, n_samples))
     metrics: dict = {"run": str(run_dir), "weights": run.weights, "step": run.step, "sampler": plan.sampler,
                      "steps": plan.steps, "guidance": plan.guidance, "threshold": plan.threshold, "nfe": result.nfe,
@@ -240,7 +245,7 @@ def evaluate_run(run_dir: str | Path, n_samples: int | None = None, seed: int = 
     metrics.update(run.model.evaluate(test, spec, seed, progress))
     for split in dataset_splits(run.config["data"]["name"]):  # held-out splits: combinations, phrasings, ...
         if split not in ("train", "test"):
-            held_out = run.model.conditioning.prepare(load_data(run.config, split))
+            held_out = load_prepared(run, split)
             part = draw(run, n_samples, seed, plan, run.model.conditioning.examples(held_out, n_samples))
             metrics.update({f"{split}/{k}": v for k, v in sample_metrics(run, part, held_out, seed, train).items()
                             if not k.startswith(("fid_floor", "attribute_net"))})
@@ -270,7 +275,7 @@ def likelihood_run(run_dir: str | Path, n_examples: int | None = None, seed: int
     options: k (IWAE samples), divergence, probes, elbo_points. Written to RUN/nll.json."""
     run_dir = Path(run_dir)
     run = load_run(run_dir, weights)
-    test = run.model.conditioning.prepare(load_data(run.config, "test"))
+    test = load_prepared(run, "test")
     metrics = {"run": str(run_dir), "weights": run.weights, "step": run.step, "levels": test.levels,
                "conditional": bool(run.model.conditioning)}
     metrics.update(run.model.likelihoods(test, None, n_examples, seed, options=options))
