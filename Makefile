@@ -11,7 +11,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# torch first, pinned to the CPU build on this disk; the package itself declares a range.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev,text]'
+	$(BIN)/pip install -q -e '.[dev,text,bench]'
+	# the peer sampler tests' k-diffusion: without its dependencies, which pull torchvision (see pyproject.toml)
+	$(BIN)/pip install -q --no-deps k-diffusion
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -46,13 +46,11 @@ Run:    python benchmarks/sampler_accuracy.py [--quick] [--out benchmarks/result
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import pathlib
 import sys
 import time
-import types
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -70,6 +68,7 @@ from deepgm.diffusion.sampling import AUTO, DEFAULT_GRIDS, DEFAULT_SAMPLER
 from deepgm.diffusion.schedules import DiscreteVP
 from deepgm.eval.metrics import fid as frechet
 from deepgm.eval.metrics import frechet_distance, gaussian_fit
+from deepgm.peers import load_k_diffusion_sampling
 
 NFES = (4, 6, 8, 10, 15, 20, 50)
 GOAL_NFES = (6, 10, 20)
@@ -221,32 +220,6 @@ def run_diffusers(oracle: Oracle, z: torch.Tensor, nfe: int, cls_name: str, conf
 
 
 # --------------------------------------------------------------------------------------------- k-diffusion
-def load_k_diffusion_sampling():
-    """k_diffusion/sampling.py (and the utils.py it imports), without the package __init__."""
-    spec = importlib.util.find_spec("k_diffusion")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError("k-diffusion is not installed (pip install --no-deps k-diffusion torchsde torchdiffeq)")
-    root = pathlib.Path(spec.submodule_search_locations[0])
-    placeholders = []
-    if importlib.util.find_spec("torchvision") is None:  # utils.py imports it for two image helpers only
-        placeholders = ["torchvision", "torchvision.transforms", "torchvision.transforms.functional"]
-        sys.modules.update({name: types.ModuleType(name) for name in placeholders})
-    package = types.ModuleType("k_diffusion")
-    package.__path__ = [str(root)]
-    sys.modules["k_diffusion"] = package
-    try:
-        for sub in ("utils", "sampling"):
-            sub_spec = importlib.util.spec_from_file_location(f"k_diffusion.{sub}", root / f"{sub}.py")
-            module = importlib.util.module_from_spec(sub_spec)
-            sys.modules[f"k_diffusion.{sub}"] = module
-            sub_spec.loader.exec_module(module)
-            setattr(package, sub, module)
-    finally:
-        for name in placeholders:  # gone again, so that other libraries' torchvision checks see the truth
-            del sys.modules[name]
-    return package.sampling
-
-
 K_SAMPLERS = {  # name: (NFE per step, deterministic options)
     "euler": (1, {}), "heun": (2, {}), "dpm_2": (2, {}), "lms": (1, {}), "dpmpp_2m": (1, {}),
     "dpmpp_2m_sde": (1, {"eta": 0.0}), "dpmpp_3m_sde": (1, {"eta": 0.0}), "dpmpp_2s_ancestral": (2, {"eta": 0.0}),

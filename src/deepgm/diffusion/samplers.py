@@ -87,23 +87,31 @@ def euler(denoiser, times: torch.Tensor, x: torch.Tensor, generator=None, cond=N
 def heun(denoiser, times: torch.Tensor, x: torch.Tensor, generator=None, cond=None,
          callback: Callback | None = None, s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"),
          s_noise: float = 1.0) -> torch.Tensor:
-    """EDM's 2nd-order sampler (Karras et al. 2022, Algorithm 2) in y = x/alpha over s = sigma/alpha, with its
-    corrector's weight on the new point capped where it would extrapolate.
-
-    Every step is y' = r y + (1 - r - w) D(y, s) + w D(y'_pred, s') with r = s'/s: the Euler predictor (w = 0,
-    the DDIM step) is EDM's, and EDM's trapezoidal corrector on the slope (y - D)/s is exactly
-    w = (1 - r) / (2 r). For r < 1/2 that weight exceeds all of the step's data weight 1 - r, i.e. it extrapolates
-    past D(y'_pred, s'), and as r -> 0 (the step onto the smallest positive s', ~1e-2) it multiplies the error of
-    D at the predicted point by ~1/r: rms 4-40 on the benchmark's mixtures at NFE 5-9. So w = min((1 - r)/(2r),
-    1 - r): EDM's Heun wherever its corrector interpolates, bounded where it would not. Still second order (r -> 1
-    as steps shrink). Averaging D instead (w = (1 - r)/2, this sampler until 2026-12) also stays bounded but
-    weights the new point too little: FID 23.7 against 15.5 at NFE 19 on a trained digits model, and rms 0.056
-    against 0.039 on the ring (benchmarks/results/continuous_digits.md, sampler_accuracy.md).
+    """EDM's 2nd-order sampler (Karras et al. 2022, Algorithm 2; k-diffusion's sample_heun) in y = x/alpha over
+    s = sigma/alpha: an Euler predictor and the trapezoidal corrector on the slope (y - D(y, s))/s.
 
     With churn, each step first raises s to s_hat = (1 + gamma) s, gamma = min(S_churn/N, sqrt(2) - 1)
     when S_tmin <= s <= S_tmax, adding fresh noise of std sqrt(s_hat^2 - s^2) S_noise. The step to
     t = 0 is a plain Euler (denoise) step: no corrector at sigma = 0. NFE = 2 N - 1 for N steps.
     """
+    return _heun(denoiser, times, x, generator, cond, callback, s_churn, s_tmin, s_tmax, s_noise, capped=False)
+
+
+def heun_capped(denoiser, times: torch.Tensor, x: torch.Tensor, generator=None, cond=None,
+                callback: Callback | None = None, s_churn: float = 0.0, s_tmin: float = 0.0,
+                s_tmax: float = float("inf"), s_noise: float = 1.0) -> torch.Tensor:
+    """EDM's Heun with its corrector's weight on the new point capped where it would extrapolate.
+
+    Every step is y' = r y + (1 - r - w) D(y, s) + w D(y'_pred, s') with r = s'/s, and EDM's corrector is exactly
+    w = (1 - r)/(2 r). For r < 1/2 that weight exceeds the step's whole data weight 1 - r, and as r -> 0 (the step
+    onto the smallest positive s', ~1e-2) it multiplies the error of D at the predicted point by ~1/r: EDM's Heun
+    lands at rms 40-55 on the ring at NFE 5 (tests/test_samplers_continuous.py). Here w = min((1 - r)/(2r), 1 - r):
+    EDM's Heun wherever its corrector interpolates, bounded where it would not; still 2nd order.
+    """
+    return _heun(denoiser, times, x, generator, cond, callback, s_churn, s_tmin, s_tmax, s_noise, capped=True)
+
+
+def _heun(denoiser, times, x, generator, cond, callback, s_churn, s_tmin, s_tmax, s_noise, capped: bool):
     if s_churn < 0 or s_noise < 0:
         raise ValueError(f"s_churn and s_noise must be >= 0, got {s_churn}, {s_noise}")
     schedule = denoiser.schedule
@@ -121,9 +129,11 @@ def heun(denoiser, times: torch.Tensor, x: torch.Tensor, generator=None, cond=No
         r = expand_like(s_s / s_t, y)
         x0 = denoiser(expand_like(a_t, y) * y, t, **(cond or {})).x0  # D(y, s_t)
         y_next = r * y + (1 - r) * x0  # Euler predictor
-        if s_s > 0:  # EDM's corrector, its weight on the new point capped at the step's data weight 1 - r
+        if s_s > 0:  # the trapezoidal corrector, as a weight w on the new point's D
             x0_next = denoiser(expand_like(a_s, y) * y_next, s, **(cond or {})).x0
-            w = torch.minimum((1 - r) / (2 * r), 1 - r)
+            w = (1 - r) / (2 * r)
+            if capped:
+                w = torch.minimum(w, 1 - r)
             y_next = r * y + (1 - r - w) * x0 + w * x0_next
         x = expand_like(a_s, y) * y_next
         if callback:
@@ -209,21 +219,24 @@ def _multistep_order(order: int, known: int, steps_left: int, lower_order_final:
     return min(order, known, steps_left) if lower_order_final else min(order, known)
 
 
-def _dpmpp(denoiser, times: torch.Tensor, x: torch.Tensor, order: int, cond=None, callback: Callback | None = None,
-           lower_order_final: bool = True) -> torch.Tensor:
-    """Multistep DPM-Solver++ (Lu et al. 2022b) in the half log-SNR l = log(alpha/sigma), h = l_s - l_t.
+def _dpmpp(denoiser, times: torch.Tensor, x: torch.Tensor, order: int, generator=None, cond=None,
+           callback: Callback | None = None, lower_order_final: bool = True, eta: float = 0.0,
+           d2_factor: float = 1.0) -> torch.Tensor:
+    """Multistep DPM-Solver++ (Lu et al. 2022b) in the half log-SNR l = log(alpha/sigma), h = l_s - l_t, as the
+    reference code (DPM-Solver's `multistep_dpm_solver_*_update`) and k-diffusion's sample_dpmpp_2m/_3m_sde do it.
 
-    Data-prediction exponential integrator (their eq. 9):
-        x_s = (sigma_s/sigma_t) x_t + sigma_s int_{l_t}^{l_s} e^l x0_hat(l) dl,
-    with x0_hat replaced by its Taylor polynomial from the last k predictions m0, m1, m2 (D1 ~ h x0',
-    D2 ~ h^2 x0''/2 by divided differences), integrated exactly with phi1 = expm1(-h),
-    phi2 = phi1/h + 1, phi3 = phi2/h - 1/2:
-        x_s = (sigma_s/sigma_t) x_t - alpha_s phi1 m0 + alpha_s phi2 D1 - 2 alpha_s phi3 D2.
-    (The factor 2 makes the step exact for quadratic x0_hat(l); several public 3M codes omit it,
-    which leaves their 3M second-order.) Order k ramps up 1, 2, 3 over the first steps; with
-    lower_order_final the last steps use k <= steps left (Lu et al.'s choice for few steps). The step
-    to sigma = 0 (l = inf) is always first order: x = m0, the denoise jump.
+    Data-prediction exponential integrator (their eq. 9), with eta > 0 the SDE form (their sec. 5, and the SDE
+    variants k-diffusion ships): with H = (1 + eta) h,
+        x_s = (sigma_s/sigma_t) e^{-eta h} x_t + alpha_s (1 - e^{-H}) D + sigma_s sqrt(1 - e^{-2 eta h}) z,
+    order 2 (their Algorithm 2): D = m0 + (m0 - m1)/(2 r), r = h_prev/h;
+    order 3: the Taylor form with divided differences D1 ~ h x0', D2 ~ h^2 x0''/2 from m0, m1, m2:
+        alpha_s [(1 - e^{-H}) m0 + phi2 D1 - d2_factor phi3 D2], phi2 = 1 - (1 - e^{-H})/H, phi3 = phi2/H - 1/2,
+    ramping up through the Taylor 2nd-order step. The reference codes use d2_factor 1; 2 integrates a quadratic
+    x0_hat(l) exactly (dpmpp-3m-exact). With lower_order_final the last steps use k <= steps left (Lu et al.'s
+    choice for few steps). The step to sigma = 0 (l = inf) is the denoise jump x = m0.
     """
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
     schedule = denoiser.schedule
     alpha, sigma = schedule.alpha_sigma(times)
     lam = schedule.log_snr(times) / 2  # +inf at t = 0
@@ -235,22 +248,27 @@ def _dpmpp(denoiser, times: torch.Tensor, x: torch.Tensor, order: int, cond=None
             x = m[0]
         else:
             h = lam[i + 1] - lam[i]
+            big_h = (1 + eta) * h
             k = _multistep_order(order, len(m), n - i, lower_order_final)
-            phi1 = torch.expm1(-h)
-            x = expand_like(sigma[i + 1] / sigma[i], x) * x - expand_like(alpha[i + 1] * phi1, x) * m[0]
+            phi1 = -torch.expm1(-big_h)  # 1 - e^{-H}
+            data = phi1 * m[0]
             if k >= 2:
-                phi2 = phi1 / h + 1
-                r0 = hs[0] / h
-                d1_0 = (m[0] - m[1]) / expand_like(r0, x)
+                d1_0 = (m[0] - m[1]) / expand_like(hs[0] / h, x)
+            if k == 2 and order == 2:  # Algorithm 2
+                data = data + 0.5 * phi1 * d1_0
+            elif k >= 2:
+                phi2 = 1 - phi1 / big_h
                 if k == 2:
-                    d1 = d1_0
+                    data = data + phi2 * d1_0
                 else:
-                    r1 = hs[1] / h
+                    r0, r1 = hs[0] / h, hs[1] / h
                     d1_1 = (m[1] - m[2]) / expand_like(r1, x)
                     d1 = d1_0 + expand_like(r0 / (r0 + r1), x) * (d1_0 - d1_1)
                     d2 = (d1_0 - d1_1) / expand_like(r0 + r1, x)
-                    x = x - expand_like(2 * alpha[i + 1] * (phi2 / h - 0.5), x) * d2
-                x = x + expand_like(alpha[i + 1] * phi2, x) * d1
+                    data = data + phi2 * d1 - d2_factor * (phi2 / big_h - 0.5) * d2
+            x = expand_like(sigma[i + 1] / sigma[i] * torch.exp(-eta * h), x) * x + expand_like(alpha[i + 1], x) * data
+            if eta > 0:
+                x = x + expand_like(sigma[i + 1] * (-torch.expm1(-2 * eta * h)).sqrt(), x) * _noise(x, generator)
             hs.insert(0, h)
         del m[3:], hs[2:]
         if callback:
@@ -260,14 +278,36 @@ def _dpmpp(denoiser, times: torch.Tensor, x: torch.Tensor, order: int, cond=None
 
 def dpmpp_2m(denoiser, times: torch.Tensor, x: torch.Tensor, generator=None, cond=None,
              callback: Callback | None = None, lower_order_final: bool = True) -> torch.Tensor:
-    """DPM-Solver++(2M) (Lu et al. 2022b, multistep, data prediction): 2nd order, one NFE per step."""
-    return _dpmpp(denoiser, times, x, 2, cond, callback, lower_order_final)
+    """DPM-Solver++(2M) (Lu et al. 2022b, Algorithm 2): multistep, data prediction, 2nd order, one NFE per step."""
+    return _dpmpp(denoiser, times, x, 2, None, cond, callback, lower_order_final)
 
 
 def dpmpp_3m(denoiser, times: torch.Tensor, x: torch.Tensor, generator=None, cond=None,
              callback: Callback | None = None, lower_order_final: bool = True) -> torch.Tensor:
-    """DPM-Solver++(3M) (Lu et al. 2022b, multistep, data prediction): 3rd order, one NFE per step."""
-    return _dpmpp(denoiser, times, x, 3, cond, callback, lower_order_final)
+    """DPM-Solver++(3M) as DPM-Solver's reference code and k-diffusion (sample_dpmpp_3m_sde at eta = 0) define it;
+    one NFE per step."""
+    return _dpmpp(denoiser, times, x, 3, None, cond, callback, lower_order_final)
+
+
+def dpmpp_3m_exact(denoiser, times: torch.Tensor, x: torch.Tensor, generator=None, cond=None,
+                   callback: Callback | None = None, lower_order_final: bool = True) -> torch.Tensor:
+    """DPM-Solver++(3M) with the factor 2 on D2 that makes each 3rd-order step exact for a quadratic x0_hat(l)
+    (the reference codes' factor 1 leaves a 2nd-order error there); one NFE per step."""
+    return _dpmpp(denoiser, times, x, 3, None, cond, callback, lower_order_final, d2_factor=2.0)
+
+
+def dpmpp_2m_sde(denoiser, times: torch.Tensor, x: torch.Tensor, generator=None, cond=None,
+                 callback: Callback | None = None, eta: float = 1.0) -> torch.Tensor:
+    """DPM-Solver++(2M) SDE (Lu et al. 2022b sec. 5; k-diffusion's sample_dpmpp_2m_sde, midpoint form): fresh
+    noise every step, eta = 0 is DPM-Solver++(2M). One NFE per step."""
+    return _dpmpp(denoiser, times, x, 2, generator, cond, callback, lower_order_final=False, eta=eta)
+
+
+def dpmpp_3m_sde(denoiser, times: torch.Tensor, x: torch.Tensor, generator=None, cond=None,
+                 callback: Callback | None = None, eta: float = 1.0) -> torch.Tensor:
+    """DPM-Solver++(3M) SDE (k-diffusion's sample_dpmpp_3m_sde): eta = 0 is dpmpp-3m without lowering the order at
+    the end. One NFE per step."""
+    return _dpmpp(denoiser, times, x, 3, generator, cond, callback, lower_order_final=False, eta=eta)
 
 
 def _reverse_sde_step(schedule: Schedule, x: torch.Tensor, eps: torch.Tensor, t, s, generator) -> torch.Tensor:
@@ -358,6 +398,120 @@ def deis(denoiser, times: torch.Tensor, x: torch.Tensor, generator=None, cond=No
     return x
 
 
+def euler_ancestral(denoiser, times: torch.Tensor, x: torch.Tensor, generator=None, cond=None,
+                    callback: Callback | None = None, eta: float = 1.0) -> torch.Tensor:
+    """Ancestral sampling with Euler steps, as k-diffusion's sample_euler_ancestral: in y = x/alpha over
+    s = sigma/alpha, an Euler step down to s_down = sqrt(s'^2 - s_up^2), then fresh noise of std
+    s_up = min(s', eta s' sqrt(s^2 - s'^2)/s). eta = 0 is the Euler (DDIM) step. One NFE per step."""
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
+    schedule = denoiser.schedule
+    for i, (t, s) in enumerate(zip(times[:-1], times[1:], strict=True)):
+        (a_t, s_t), (a_s, s_s) = _scaled(schedule, t), _scaled(schedule, s)
+        s_up = torch.minimum(s_s, eta * (s_s**2 * (s_t**2 - s_s**2) / s_t**2).clamp(min=0).sqrt())
+        s_down = (s_s**2 - s_up**2).clamp(min=0).sqrt()
+        eps = denoiser(x, t, **(cond or {})).eps
+        y = x / expand_like(a_t, x) + expand_like(s_down - s_t, x) * eps
+        if s_s > 0:
+            y = y + expand_like(s_up, x) * _noise(x, generator)
+        x = expand_like(a_s, x) * y
+        if callback:
+            callback(i, s, x)
+    return x
+
+
+def lms(denoiser, times: torch.Tensor, x: torch.Tensor, generator=None, cond=None,
+        callback: Callback | None = None, order: int = 4) -> torch.Tensor:
+    """Linear multistep (Adams-Bashforth) on the probability-flow ODE dy/ds = eps in y = x/alpha, s = sigma/alpha,
+    interpolating the last `order` eps in s itself, as k-diffusion's sample_lms (Karras et al. 2022 list it among
+    their baselines). The order ramps up from 1; every step, the last onto s = 0 too, is an LMS step. One NFE per
+    step."""
+    if order < 1 or int(order) != order:
+        raise ValueError(f"order must be a positive integer, got {order}")
+    schedule = denoiser.schedule
+    alpha, s = _scaled(schedule, times)
+    s_list = s.tolist()
+    history: list[tuple[float, torch.Tensor]] = []  # (s, eps), newest first
+    for i in range(len(times) - 1):
+        history = [(s_list[i], denoiser(x, times[i], **(cond or {})).eps)] + history[: int(order) - 1]
+        weights = _interpolant_integrals([v for v, _ in history], s_list[i], s_list[i + 1])
+        y = x / float(alpha[i]) + sum(c * eps for c, (_, eps) in zip(weights, history, strict=True))
+        x = float(alpha[i + 1]) * y
+        if callback:
+            callback(i, times[i + 1], x)
+    return x
+
+
+def _unipc_coefficients(rks: list[torch.Tensor], h: torch.Tensor, order: int, corrector: bool) -> torch.Tensor:
+    """The weights rho of UniPC's B(h) = e^h - 1 update (Zhao et al. 2023, Algorithm 2 with Theorem 3.1's linear
+    system) on the data prediction, written for hh = -h: sum_k rho_k r_k^(j-1) = j! phi_{j+1}(hh) hh / B(h) for
+    j = 1..p. The predictor solves it without the new point (r = 1); orders 1 (corrector) and 2 (predictor) use
+    rho = 1/2, as the paper's code does."""
+    if (corrector and order == 1) or (not corrector and order == 2):
+        return torch.full((1,), 0.5, dtype=torch.float64)
+    hh = -h
+    b_h = torch.expm1(hh)
+    r = torch.stack([*rks, torch.ones((), dtype=torch.float64)])
+    h_phi = torch.expm1(hh) / hh - 1
+    factorial, rows, rhs = 1, [], []
+    for j in range(1, order + 1):
+        rows.append(r ** (j - 1))
+        rhs.append(h_phi * factorial / b_h)
+        factorial *= j + 1
+        h_phi = h_phi / hh - 1 / factorial
+    matrix, rhs = torch.stack(rows), torch.stack(rhs)
+    if not corrector:
+        matrix, rhs = matrix[:-1, :-1], rhs[:-1]
+    return torch.linalg.solve(matrix, rhs)
+
+
+def unipc(denoiser, times: torch.Tensor, x: torch.Tensor, generator=None, cond=None,
+          callback: Callback | None = None, order: int = 3, lower_order_final: bool = True) -> torch.Tensor:
+    """UniPC (Zhao et al. 2023) with B(h) = e^h - 1 ("bh2") on the data prediction, in the half log-SNR l.
+
+    Each step first corrects the point just reached (UniC, through the new prediction m_i and the last `order`
+    older ones), then predicts the next point from the corrected one (UniP, order p ramping up 1, 2, 3; with
+    lower_order_final at most the steps left). The prediction at the uncorrected point is kept, so one NFE per
+    step, as in the paper and diffusers' UniPCMultistepScheduler. The step to sigma = 0 is the denoise jump.
+    """
+    if order not in (1, 2, 3):
+        raise ValueError(f"order must be 1, 2 or 3, got {order}")
+    schedule = denoiser.schedule
+    alpha, sigma = schedule.alpha_sigma(times)
+    lam = schedule.log_snr(times) / 2
+    n = len(times) - 1
+    m: list[torch.Tensor] = []  # data predictions, newest first; m[k] was made at times[i - k]
+    previous_order = 0
+    x_prev = x
+    for i in range(n):
+        m.insert(0, denoiser(x, times[i], **(cond or {})).x0)
+        if sigma[i + 1] == 0:
+            x = m[0]
+        else:
+            if previous_order:  # UniC for the step times[i-1] -> times[i], through the new prediction m[0]
+                h = lam[i] - lam[i - 1]
+                rks = [(lam[i - 1 - k] - lam[i - 1]) / h for k in range(1, previous_order)]
+                rho = _unipc_coefficients(rks, h, previous_order, corrector=True)
+                update = sum(rho[k - 1] * (m[1 + k] - m[1]) / rks[k - 1] for k in range(1, previous_order))
+                update = update + rho[-1] * (m[0] - m[1])
+                x = (sigma[i] / sigma[i - 1]) * x_prev - alpha[i] * torch.expm1(-h) * m[1] \
+                    - alpha[i] * torch.expm1(-h) * update
+            p = _multistep_order(order, len(m), n - i, lower_order_final)
+            h = lam[i + 1] - lam[i]
+            x_prev = x
+            x = (sigma[i + 1] / sigma[i]) * x - alpha[i + 1] * torch.expm1(-h) * m[0]
+            if p >= 2:
+                rks = [(lam[i - k] - lam[i]) / h for k in range(1, p)]
+                rho = _unipc_coefficients(rks, h, p, corrector=False)
+                x = x - alpha[i + 1] * torch.expm1(-h) * sum(rho[k - 1] * (m[k] - m[0]) / rks[k - 1]
+                                                             for k in range(1, p))
+            previous_order = p
+        del m[order + 1:]
+        if callback:
+            callback(i, times[i + 1], x)
+    return x
+
+
 def trig_abm(denoiser, times: torch.Tensor, x: torch.Tensor, generator=None, cond=None,
              callback: Callback | None = None, sigma_data: float = 1.0, order: int = 2) -> torch.Tensor:
     """Probability-flow ODE in EDM's preconditioned ("TrigFlow") variables, by Adams-Bashforth-Moulton.
@@ -439,9 +593,12 @@ def pc(denoiser, times: torch.Tensor, x: torch.Tensor, generator=None, cond=None
     return x
 
 
-SAMPLERS: dict[str, Callable] = {"ddpm": ddpm, "ddim": ddim, "euler": euler, "heun": heun, "rk45": rk45,
-                                 "dpmpp-2m": dpmpp_2m, "dpmpp-3m": dpmpp_3m, "euler-maruyama": euler_maruyama,
-                                 "pc": pc, "trig-abm": trig_abm, "deis": deis}
+SAMPLERS: dict[str, Callable] = {
+    "ddpm": ddpm, "ddim": ddim, "euler": euler, "euler-ancestral": euler_ancestral, "heun": heun,
+    "heun-capped": heun_capped, "lms": lms, "rk45": rk45, "dpmpp-2m": dpmpp_2m, "dpmpp-3m": dpmpp_3m,
+    "dpmpp-3m-exact": dpmpp_3m_exact, "dpmpp-2m-sde": dpmpp_2m_sde, "dpmpp-3m-sde": dpmpp_3m_sde, "unipc": unipc,
+    "euler-maruyama": euler_maruyama, "pc": pc, "trig-abm": trig_abm, "deis": deis}
 # the samplers a grid can be calibrated for
-ODE_SAMPLERS = ("ddim", "euler", "heun", "dpmpp-2m", "dpmpp-3m", "deis", "trig-abm")
+ODE_SAMPLERS = ("ddim", "euler", "heun", "heun-capped", "lms", "dpmpp-2m", "dpmpp-3m", "dpmpp-3m-exact", "deis",
+                "unipc", "trig-abm")
 STANDARD_ARGS = ("denoiser", "times", "x", "generator", "cond", "callback")
