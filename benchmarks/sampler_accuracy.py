@@ -62,7 +62,7 @@ import deepgm
 from deepgm.data import make_mixture
 from deepgm.diffusion.calibration import calibrate
 from deepgm.diffusion.denoiser import Denoiser
-from deepgm.diffusion.grids import CALIBRATED, available_grids, make_grid
+from deepgm.diffusion.grids import CALIBRATED, available_grids, make_grid, smallest_time
 from deepgm.diffusion.samplers import ODE_SAMPLERS
 from deepgm.diffusion.sampling import AUTO, DEFAULT_GRIDS, DEFAULT_SAMPLER
 from deepgm.diffusion.schedules import DiscreteVP
@@ -86,13 +86,16 @@ PILOT_SEED = 12345  # the calibrated grids' pilot noise: independent of the sele
 class Oracle:
     """The mixture's exact posterior mean, counting evaluations; answers in deepgm's, diffusers' and k's terms."""
 
-    def __init__(self, gmm, schedule):
+    def __init__(self, gmm, schedule, x0_fn: Callable | None = None, reference_tol: float = 1e-10):
+        """gmm: the data distribution; x0_fn(x, alpha, sigma): the denoiser, by default the mixture's exact one;
+        reference_tol: rk45's rtol = atol for the converged ODE solution."""
         self.gmm, self.schedule, self.nfe = gmm, schedule, 0
+        self.x0_fn, self.reference_tol = x0_fn or gmm.posterior_mean, reference_tol
         self.calibrations = {}  # (sampler, steps) -> Calibration, made once per problem on its own pilot noise
 
     def x0(self, x: torch.Tensor, alpha: float, sigma: float) -> torch.Tensor:
         self.nfe += 1
-        return self.gmm.posterior_mean(x, alpha, sigma).to(x.dtype)
+        return self.x0_fn(x, alpha, sigma).to(x.dtype)
 
     def denoiser(self) -> Denoiser:
         def posterior_mean(x, t):
@@ -128,9 +131,12 @@ def deepgm_configs(seed: int = 0) -> list[Config]:
     for grid, grid_options in grids:
         grid_label = grid + "".join(f"({v:g})" for v in grid_options.values())
         for sampler, steps, det in [("ddim", one, True), ("euler", one, True), ("heun", two, True),
-                                    ("dpmpp-2m", one, True), ("dpmpp-3m", one, True), ("deis", one, True),
-                                    ("trig-abm", one, True),
-                                    ("ddpm", one, False), ("euler-maruyama", one, False), ("pc", two, False)]:
+                                    ("heun-capped", two, True), ("lms", one, True), ("dpmpp-2m", one, True),
+                                    ("dpmpp-3m", one, True), ("dpmpp-3m-exact", one, True), ("deis", one, True),
+                                    ("unipc", one, True), ("trig-abm", one, True),
+                                    ("ddpm", one, False), ("euler-maruyama", one, False), ("pc", two, False),
+                                    ("euler-ancestral", one, False), ("dpmpp-2m-sde", one, False),
+                                    ("dpmpp-3m-sde", one, False)]:
             if grid == CALIBRATED and sampler not in ODE_SAMPLERS:
                 continue
             run = partial(run_deepgm, sampler=sampler, grid=grid, steps=steps, seed=seed, grid_options=grid_options)
@@ -159,7 +165,8 @@ def run_deepgm(oracle: Oracle, z: torch.Tensor, nfe: int, sampler: str, grid: st
 
 
 # ------------------------------------------------------------------------------------------------ diffusers
-def diffusers_configs() -> list[Config]:
+def diffusers_configs(beta_schedule: str = "linear") -> list[Config]:
+    """diffusers' schedulers on its DDPM betas ("linear", or "squaredcos_cap_v2", Nichol & Dhariwal's cosine)."""
     configs = []  # (label, scheduler class name, config kwargs), made Configs at the end
     for spacing, offset in [("leading", 0), ("leading", 1), ("trailing", 0), ("linspace", 0)]:
         configs.append((f"DDIM/{spacing}{'+1' if offset else ''}", "DDIMScheduler",
@@ -184,15 +191,17 @@ def diffusers_configs() -> list[Config]:
             for cls_name in ("LMSDiscreteScheduler", "EulerDiscreteScheduler", "HeunDiscreteScheduler"):
                 configs.append((f"{cls_name.split('Discrete')[0]}/{kind}/{spacing}", cls_name,
                                 dict(timestep_spacing=spacing, **extra)))
-    return [Config("diffusers", label, True, partial(run_diffusers, cls_name=cls_name, config=config))
+    return [Config("diffusers", label, True, partial(run_diffusers, cls_name=cls_name, config=config,
+                                                     beta_schedule=beta_schedule))
             for label, cls_name, config in configs]
 
 
-def run_diffusers(oracle: Oracle, z: torch.Tensor, nfe: int, cls_name: str, config: dict):
+def run_diffusers(oracle: Oracle, z: torch.Tensor, nfe: int, cls_name: str, config: dict,
+                  beta_schedule: str = "linear"):
     import diffusers
 
     cls = getattr(diffusers, cls_name)
-    scheduler = cls(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
+    scheduler = cls(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule=beta_schedule,
                     prediction_type="epsilon", **config)
     steps = (nfe + 1) // 2 if cls_name == "HeunDiscreteScheduler" else nfe
     scheduler.set_timesteps(steps)
@@ -236,7 +245,7 @@ def run_k(oracle: Oracle, z: torch.Tensor, nfe: int, K, name: str, grid: str):
     """k-diffusion's sampler `name` with its Karras (rho = 7) or exponential sigmas from sigma(1) to sigma(1/T)."""
     schedule = oracle.schedule
     a1, s1 = schedule.alpha_sigma(torch.tensor(1.0, dtype=torch.float64))
-    a0, s0 = schedule.alpha_sigma(torch.tensor(1.0 / schedule.T, dtype=torch.float64))
+    a0, s0 = schedule.alpha_sigma(torch.tensor(smallest_time(schedule), dtype=torch.float64))
     s_max, s_min = float(s1 / a1), float(s0 / a0)
     x = z / float(a1)  # the VP-space noise z, scaled to k-diffusion's x / alpha
     oracle.nfe = 0
@@ -259,13 +268,15 @@ class Draw:
 
     def __init__(self, oracle: Oracle, n: int, seed: int, reference: bool = True):
         gmm = oracle.gmm
-        self.z = torch.randn(n, gmm.dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        self.z = oracle.schedule.prior_std() * torch.randn(n, gmm.dim, generator=torch.Generator().manual_seed(seed),
+                                                           dtype=torch.float64)
         self.truth = gmm.sample(n, generator=torch.Generator().manual_seed(seed + 1)).double()
         other = gmm.sample(n, generator=torch.Generator().manual_seed(seed + 2)).double()
         self.seed = seed
         oracle.nfe = 0
         self.reference = None if not reference else deepgm.sample(
-            oracle.denoiser(), x_T=self.z, sampler="rk45", grid="uniform", steps=2, rtol=1e-10, atol=1e-10,
+            oracle.denoiser(), x_T=self.z, sampler="rk45", grid="uniform", steps=2, rtol=oracle.reference_tol,
+            atol=oracle.reference_tol,
             dtype=torch.float64).x
         self.reference_nfe = oracle.nfe
         self.gmm = gmm
@@ -357,7 +368,8 @@ def finalists(rows, configs, nfe: int, top: int = 3, metrics=METRICS, draw: str 
 
 
 def benchmark(name: str, gmm, n: int, n_eval: int, n_large: int, nfes, schedule, configs, seed: int = 0,
-              replicates: int = REPLICATES) -> dict:
+              replicates: int = REPLICATES, x0_fn: Callable | None = None, large: bool = True,
+              reference_tol: float = 1e-10) -> dict:
     """Every configuration on a selection draw; each library's finalists again on independent, larger held-out
     draws: `replicates` of them at the goal NFEs, one elsewhere. The summary reports the mean over the held-out draws
     (draw "held-out"): the best of ~100 configurations on one draw is biased low, more so for the library with more
@@ -365,14 +377,15 @@ def benchmark(name: str, gmm, n: int, n_eval: int, n_large: int, nfes, schedule,
     (`goal_intervals`). At the goal NFEs the best few by the distribution metrics run once more on a draw of
     n_large points without a reference ODE solution (draw "large"): at n_eval the two-sample estimates of sw2 and
     fd carry a bias that depends on the shape of each sampler's distribution, which only more points remove."""
-    oracle = Oracle(gmm, schedule)
+    oracle = Oracle(gmm, schedule, x0_fn, reference_tol)
     start = time.time()
     draws = {"select": Draw(oracle, n, seed)}
     draws.update({f"held-out {r}": Draw(oracle, n_eval, seed + 100 * (r + 1)) for r in range(replicates)})
     held_out = [tag for tag in draws if tag != "select"]
     for tag, d in draws.items():
-        print(f"[{name}] {tag} draw (n = {len(d.z)}): reference rk45 rtol=atol=1e-10, {d.reference_nfe} NFE; noise "
-              f"floor sw2 {d.floor['sw2']:.4f}, fd {d.floor['fd']:.4f} ({time.time() - start:.0f} s)", flush=True)
+        print(f"[{name}] {tag} draw (n = {len(d.z)}): reference rk45 rtol=atol={oracle.reference_tol:g}, "
+              f"{d.reference_nfe} NFE; noise floor sw2 {d.floor['sw2']:.4f}, fd {d.floor['fd']:.4f} "
+              f"({time.time() - start:.0f} s)", flush=True)
     rows = []
     for nfe in nfes:
         rows += evaluate(oracle, draws["select"], [(c, nfe) for c in configs], "select")
@@ -384,8 +397,9 @@ def benchmark(name: str, gmm, n: int, n_eval: int, n_large: int, nfes, schedule,
     for tag, d in draws.items():
         rows += rk45_ladder(oracle, d, tag)
     rows += mean_rows(rows, held_out)
-    draws["large"] = Draw(oracle, n_large, seed + 1000, reference=False)
-    for nfe in GOAL_NFES:
+    if large:
+        draws["large"] = Draw(oracle, n_large, seed + 1000, reference=False)
+    for nfe in GOAL_NFES if large else ():
         final = finalists(rows, configs, nfe, top=1, metrics=DISTRIBUTION_METRICS, draw="held-out")
         rows += evaluate(oracle, draws["large"], [(c, nfe) for c in final], "large")
         print(f"[{name}] NFE {nfe}: {len(final)} configurations on the draw of {n_large} ({time.time() - start:.0f} s)",

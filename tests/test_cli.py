@@ -54,7 +54,7 @@ def test_sample_with_the_default_sampler_calibrates_its_choice(digits_run, tmp_p
     args = ["sample", str(digits_run), "--sampler", "auto", "--steps", "4", "--n", "10", "--out", str(out)]
     assert main(args) == 0
     printed = capsys.readouterr().out
-    assert any(f"calibrated: {name}/" in printed for name in ("trig-abm", "deis", "dpmpp-2m")), printed
+    assert any(f"calibrated: {name}/" in printed for name in ("trig-abm", "deis", "dpmpp-2m", "unipc")), printed
     arrays = np.load(out.with_suffix(".npz"))
     times = arrays["times"]
     assert int(arrays["nfe"]) == 4 and times.shape == (5,) and times[0] == 1.0 and times[-1] == 0.0

@@ -3,6 +3,7 @@ the samples agree one for one to ~1e-8. The peers (k-diffusion, diffusers) come 
 it these tests skip and say so."""
 
 import importlib.util
+
 import pytest
 import torch
 

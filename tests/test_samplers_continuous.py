@@ -383,8 +383,8 @@ def test_heun_capped_is_edms_algorithm_wherever_its_corrector_interpolates(ring)
 @pytest.mark.parametrize("grid", ["log-snr", "trig"])
 def test_heun_capped_does_not_blow_up_at_low_nfe_where_edms_heun_does(ring, grid):
     # EDM's slope-form corrector divides by the smallest noise level and lands at rms 40-55 here (heun-capped's
-    # reason to exist); with its weight capped it must stay as accurate as a first-order sampler at the same NFE. (On the Karras grid 3 steps leave
-    # rms ~1.6 either way: its first step from s = 157 is simply too long.)
+    # reason to exist); with its weight capped it must stay as accurate as a first-order sampler at the same NFE.
+    # (On the Karras grid 3 steps leave rms ~1.6 either way: its first step from s = 157 is simply too long.)
     schedule = DiscreteVP.linear(T=1000)
     denoiser = ring.denoiser(schedule)
     x_T = torch.randn(500, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)

@@ -191,7 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "deepgm.diffusion.grids and deepgm.diffusion.calibration")
     p.add_argument("--n", type=positive_int, default=64, help="number of samples")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eta", type=float, help="DDIM eta (0 deterministic, 1 ancestral)")
+    p.add_argument("--eta", type=float, help="the fresh noise of ddim, euler-ancestral, dpmpp-2m-sde and dpmpp-3m-sde "
+                   "(0 deterministic, 1 ancestral)")
     _guidance_arguments(p)
     p.add_argument("--weights", choices=["ema", "raw"], default="ema", help="which weights to sample with")
     p.add_argument("--out", help="output path stem (default RUN/samples/<sampler>-<steps>steps-seed<seed>)")

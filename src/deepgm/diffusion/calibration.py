@@ -16,7 +16,7 @@ on a mode. No fixed grid serves both (benchmarks/sampler_accuracy.py), so `calib
    the one fine solve and keeps the overall closest: which sampler is best depends on the model too (trig-abm
    on the benchmark's exact mixture denoisers, DEIS on trained digits networks).
 
-The pilot costs `fine_steps + 7 * steps` (trig-abm: `fine_steps + 20 * steps`; auto: `fine_steps + 34 * steps`)
+The pilot costs `fine_steps + 7 * steps` (trig-abm: `fine_steps + 20 * steps`; auto: `fine_steps + 41 * steps`)
 batched network evaluations on `pilot` samples, once per model and settings (`deepgm.sample` caches the result
 on the denoiser); above MOST_STEPS steps there is no pilot and the grid is trig. The powers were chosen on the
 benchmark's mixtures: 1/3, the asymptotic optimum for a 2nd-order method, puts too few steps where the 2-D ring's
@@ -58,8 +58,9 @@ MOST_STEPS = 20  # above this every grid is close to converged on the benchmarks
 # sampler="auto": the calibration's pilot chooses among these, each on its own candidate grids and options. On
 # the exact mixture denoisers of benchmarks/sampler_accuracy.py trig-abm is the most accurate at NFE 6-20; on
 # trained digits networks (benchmarks/digits_grids.py) DEIS or DPM-Solver++ is, and no fixed choice serves both.
-# The first is used, on the trig grid, where no pilot runs (fewer than 3 or more than MOST_STEPS steps).
-AUTO, AUTO_SAMPLERS = "auto", ("trig-abm", "deis", "dpmpp-2m")
+# UniPC is the peers' other common default. The first is used, on the trig grid, where no pilot runs (fewer than 3
+# or more than MOST_STEPS steps). docs/samplers.md says what the choice costs and when to name a sampler instead.
+AUTO, AUTO_SAMPLERS = "auto", ("trig-abm", "deis", "dpmpp-2m", "unipc")
 
 
 @dataclass
