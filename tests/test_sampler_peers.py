@@ -156,3 +156,20 @@ def test_the_variants_differ_from_the_peers_methods(K, problem):
         theirs, times = _run_k(K, problem, k_name, steps=6, **options)
         extra = {"lower_order_final": False} if ours_name == "dpmpp-3m-exact" else {}
         assert float((_ours(problem, ours_name, times, **extra) - theirs).abs().max()) > 1e-4
+
+
+@pytest.mark.parametrize("variance,variance_type", [("beta_tilde", "fixed_small"), ("beta", "fixed_large")])
+def test_ddpm_is_diffusers_ddpm_scheduler_given_the_same_noise(diffusers, problem, variance, variance_type):
+    """Ancestral sampling over a 50-step sub-sequence ("leading" timesteps), diffusers' alpha-bar table replaced
+    by the schedule's in float64; diffusers' timestep k is deepgm's time (k + 1)/T."""
+    schedule, denoiser, z = problem
+    scheduler = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02,
+                                        beta_schedule="linear", prediction_type="epsilon", clip_sample=False,
+                                        variance_type=variance_type)
+    scheduler.alphas_cumprod = torch.exp(schedule.log_alpha_bar[1:])
+    scheduler.set_timesteps(50)
+    times = torch.cat([(scheduler.timesteps.double() + 1) / schedule.T, torch.zeros(1, dtype=torch.float64)])
+    x, g = z.clone(), torch.Generator().manual_seed(3)
+    for i, timestep in enumerate(scheduler.timesteps):
+        x = scheduler.step(denoiser(x, times[i]).eps, timestep, x, generator=g).prev_sample
+    _assert_agree(_ours(problem, "ddpm", times, seed=3, variance=variance), x)
