@@ -23,7 +23,15 @@ from deepgm.data.base import DataSpec, dataset_splits
 from deepgm.family import SampleOutput, SamplingPlan, generate_chunked
 from deepgm.files import write_json
 from deepgm.models import build_model
-from deepgm.train import TrainConfig, Trainer, distributed, latest_checkpoint, load_weights
+from deepgm.train import (
+    TrainConfig,
+    Trainer,
+    distributed,
+    latest_checkpoint,
+    load_state,
+    load_weights,
+    usable_checkpoint,
+)
 from deepgm.viz import plot_metrics, save_image_grid, save_strip, scatter_2d
 
 # previews during training: the weights change between them, so a calibrated grid would pay its pilot each time
@@ -113,13 +121,14 @@ def load_run(run_dir: str | Path, weights: str = "ema", device: str = "cpu") -> 
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml); train one with `deepgm train`")
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
-    checkpoint = latest_checkpoint(run_dir)
+    checkpoint = usable_checkpoint(run_dir)  # a damaged one: a CheckpointError naming the newest intact one
     if checkpoint is None:
         raise FileNotFoundError(f"no checkpoint in {run_dir / 'checkpoints'}; the run has not saved one yet")
     resolved = config.get("resolved", {}).get("data")
     spec = DataSpec.from_dict(resolved) if resolved else load_data(config, "train").spec
     model = build_model(config["model"], spec)
-    model.load_state_dict(load_weights(checkpoint, which=weights))
+    file = checkpoint / ("ema.safetensors" if weights == "ema" else "model.safetensors")
+    load_state(model, file, load_weights(checkpoint, which=weights))
     model.to(device).eval()
     step = json.loads((checkpoint / "trainer.json").read_text()).get("step", 0)
     return Run(config=config, model=model, data=spec, weights=weights, step=step)

@@ -4,23 +4,120 @@ run_dir/checkpoints/step-00000500/
     model.safetensors    raw weights        metadata {"weights": "raw", "step": ...}
     ema.safetensors      EMA weights        metadata {"weights": "ema", "decay": ..., "step": ...}
     trainer.safetensors  optimizer tensors as optimizer.<param>.<state>, generator.<name>, scaler.<key>
-    trainer.json         step, counters, optimizer hyper-parameters and non-tensor state, train config
+    trainer.json         step, counters, optimizer hyper-parameters and non-tensor state, train config, the format
+                         version, and each file's size and SHA-256 (so a damaged file is recognised before loading)
 run_dir/checkpoints/latest  the name of the newest complete checkpoint directory
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
+FORMAT_VERSION = 1  # what trainer.json's "format_version" says; a newer one is refused, not misread
+WEIGHT_FILES = ("model.safetensors", "ema.safetensors", "trainer.safetensors")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file, what is wrong and the fix."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def damage(path: str | Path) -> str | None:
+    """What is wrong with the checkpoint directory `path` (a missing, truncated, corrupted or too new file), or
+    None when it is intact. Checkpoints from before the size and checksum records get their headers read instead."""
+    path = Path(path)
+    if not (path / "trainer.json").is_file():
+        return "trainer.json is missing (the write did not finish)"
+    try:
+        record = json.loads((path / "trainer.json").read_text())
+    except (ValueError, UnicodeDecodeError):
+        return "trainer.json is not valid JSON"
+    version = record.get("format_version", 0)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        return (f"it was written by a newer deepgm (checkpoint format {version}; this one reads up to "
+                f"{FORMAT_VERSION}): upgrade deepgm")
+    for name in WEIGHT_FILES:
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        expected = record.get("files", {}).get(name)
+        if expected:
+            size = file.stat().st_size
+            if size != expected["bytes"]:
+                return f"{name} has {size} bytes where trainer.json recorded {expected['bytes']} (truncated?)"
+            if _sha256(file) != expected["sha256"]:
+                return f"{name} does not match the SHA-256 that trainer.json recorded (the file is corrupted)"
+        else:
+            try:
+                with safe_open(file, "pt") as f:
+                    f.keys()
+            except Exception as err:  # safetensors raises its own error type for a bad header
+                return f"{name} cannot be read ({str(err).splitlines()[0]})"
+    return None
+
+
+def intact_checkpoint(run_dir: str | Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest intact checkpoint of a run, from the one `latest` names down (None if there is none), and the
+    newer damaged ones with their faults."""
+    root = Path(run_dir) / CHECKPOINTS
+    candidates = sorted((p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp")), reverse=True)
+    named = latest_checkpoint(run_dir)
+    if named in candidates:  # `latest` first, then the older ones
+        candidates = candidates[candidates.index(named):]
+    skipped = []
+    for path in candidates:
+        problem = damage(path)
+        if problem is None:
+            return path, skipped
+        skipped.append((path, problem))
+    return None, skipped
+
+
+def usable_checkpoint(run_dir: str | Path) -> Path | None:
+    """The checkpoint to sample or evaluate from: the latest one, if it is intact; a CheckpointError that names the
+    fault and the newest intact checkpoint otherwise (silently using older weights would surprise)."""
+    path = latest_checkpoint(run_dir)
+    if path is None:
+        return None
+    problem = damage(path)
+    if problem is None:
+        return path
+    good, _ = intact_checkpoint(run_dir)
+    fix = (f"the newest intact checkpoint is {good.name}: `deepgm train ... --resume` continues from it, and removing "
+           f"{path} makes it the one sampled" if good else "no intact checkpoint is left: train again")
+    raise CheckpointError(f"checkpoint {path} is damaged: {problem}; {fix}")
+
+
+def load_state(module: nn.Module, file: Path, state: dict[str, torch.Tensor]) -> None:
+    """module.load_state_dict(state), with a checkpoint of another model reported as one clear error."""
+    own = module.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    shapes = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or shapes:
+        parts = [f"{len(v)} {what} (e.g. {v[0]})" for what, v in
+                 (("tensors missing", missing), ("unexpected", unexpected), ("of another shape", shapes)) if v]
+        raise CheckpointError(f"{file} holds the weights of another model: {', '.join(parts)}; the run's "
+                              "config.yaml and its checkpoint do not belong together (was a checkpoint copied in "
+                              "from another run?)")
+    module.load_state_dict(state)
 
 
 def _fsync(path: Path) -> None:
@@ -95,7 +192,10 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, ema_model:
     save_file(_tensors(tensors), tmp / "trainer.safetensors", {"step": str(step)})
 
     record = {"step": step, **(extra or {}),
-              "optimizer": {"param_groups": opt_state["param_groups"], "state": plain}}
+              "optimizer": {"param_groups": opt_state["param_groups"], "state": plain},
+              "format_version": FORMAT_VERSION,
+              "files": {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+                        for name in WEIGHT_FILES}}
     (tmp / "trainer.json").write_text(json.dumps(record, indent=2))  # last: marks the directory complete
     for f in tmp.iterdir():
         _fsync(f)
@@ -126,11 +226,11 @@ def load_checkpoint(path: str | Path, model: nn.Module, ema_model: nn.Module, op
                     generators: dict[str, torch.Generator], scaler: torch.amp.GradScaler | None = None) -> dict:
     """Restore everything save_checkpoint wrote into the given objects; returns the trainer.json record."""
     path = Path(path)
-    for name in ("model.safetensors", "ema.safetensors", "trainer.safetensors", "trainer.json"):
-        if not (path / name).is_file():
-            raise FileNotFoundError(f"checkpoint {path} is incomplete: {name} is missing")
-    model.load_state_dict(load_file(path / "model.safetensors"))
-    ema_model.load_state_dict(load_file(path / "ema.safetensors"))
+    problem = damage(path)
+    if problem:
+        raise CheckpointError(f"checkpoint {path} is damaged: {problem}")
+    load_state(model, path / "model.safetensors", load_file(path / "model.safetensors"))
+    load_state(ema_model, path / "ema.safetensors", load_file(path / "ema.safetensors"))
     record = json.loads((path / "trainer.json").read_text())
     tensors = load_file(path / "trainer.safetensors")
 
@@ -160,7 +260,9 @@ def load_weights(path: str | Path, which: str = "ema") -> dict[str, torch.Tensor
         raise ValueError(f"which must be 'ema' or 'raw', got {which!r}")
     path = Path(path)
     if (path / CHECKPOINTS).is_dir():
-        path = latest_checkpoint(path) or path / CHECKPOINTS
+        path = usable_checkpoint(path) or path / CHECKPOINTS
+    elif (path / "trainer.json").is_file() and (problem := damage(path)):
+        raise CheckpointError(f"checkpoint {path} is damaged: {problem}")
     file = path / ("ema.safetensors" if which == "ema" else "model.safetensors")
     if not file.is_file():
         raise FileNotFoundError(f"no {which} weights at {file}")

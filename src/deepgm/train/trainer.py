@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from deepgm.data.base import Dataset
 from deepgm.train import distributed
-from deepgm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from deepgm.train.checkpoint import CheckpointError, intact_checkpoint, load_checkpoint, save_checkpoint
 from deepgm.train.ema import EMA
 
 
@@ -394,7 +394,16 @@ class Trainer:
         on (seed, step) only) carry over exactly; rank 0 restores its noise stream and ranks the checkpoint has
         none for start a fresh one, rank_seed(seed, rank, step), so the noise differs from an uninterrupted run.
         """
-        path = latest_checkpoint(self.run_dir)
+        path, damaged = intact_checkpoint(self.run_dir)
+        if damaged and self.dist.rank == 0:
+            for bad, problem in damaged:
+                print(f"checkpoint {bad} is damaged: {problem}; skipped", flush=True)
+            if path is None:
+                raise CheckpointError(f"no intact checkpoint in {self.run_dir / 'checkpoints'} to resume from; "
+                                      "train again without --resume into a new directory")
+            print(f"resuming from {path.name}, the newest intact checkpoint", flush=True)
+        if damaged and path is None:
+            raise CheckpointError(f"no intact checkpoint in {self.run_dir / 'checkpoints'} to resume from")
         if self.dist.world_size > 1:  # every rank must see the same checkpoint (a filesystem all nodes share)
             seen = distributed.all_gather(torch.tensor([-1 if path is None else int(path.name[5:13])]))
             if len({int(s) for s in seen}) > 1:
