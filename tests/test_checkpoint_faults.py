@@ -95,3 +95,16 @@ def test_another_models_weights_are_one_clear_error(run):
         load_checkpoint(run / "checkpoints" / "step-00000024", unrelated, unrelated,
                         torch.optim.Adam(unrelated.parameters()), {})
     load_state(model, run / "ema.safetensors", load_weights(run))  # the right model loads
+
+
+def test_checkpoints_without_size_records_are_checked_against_their_own_headers(run):
+    newest, older = run / "checkpoints" / "step-00000024", run / "checkpoints" / "step-00000012"
+    for path in (newest, older):
+        record = json.loads((path / "trainer.json").read_text())
+        record.pop("files"), record.pop("format_version")  # as written before the records existed
+        (path / "trainer.json").write_text(json.dumps(record))
+        assert damage(path) is None
+    _truncate(newest / "model.safetensors", keep=0.9)
+    assert "model.safetensors has" in damage(newest) and "where its header needs" in damage(newest)
+    _garble(older / "ema.safetensors")
+    assert damage(older) == "ema.safetensors has no valid safetensors header (garbage or truncated)"

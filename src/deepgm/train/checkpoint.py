@@ -18,7 +18,6 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -65,12 +64,27 @@ def damage(path: str | Path) -> str | None:
                 return f"{name} has {size} bytes where trainer.json recorded {expected['bytes']} (truncated?)"
             if _sha256(file) != expected["sha256"]:
                 return f"{name} does not match the SHA-256 that trainer.json recorded (the file is corrupted)"
-        else:
-            try:
-                with safe_open(file, "pt") as f:
-                    f.keys()
-            except Exception as err:  # safetensors raises its own error type for a bad header
-                return f"{name} cannot be read ({str(err).splitlines()[0]})"
+        elif problem := _safetensors_damage(file):
+            return f"{name} {problem}"
+    return None
+
+
+def _safetensors_damage(file: Path) -> str | None:
+    """For files without a recorded size: the safetensors layout itself (8-byte header length, JSON header, then
+    the tensors' bytes up to the largest data offset) must account for the file's size exactly."""
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        head = f.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 0 < length <= size - 8:
+            return "has no valid safetensors header (garbage or truncated)"
+        try:
+            header = json.loads(f.read(length))
+        except (ValueError, UnicodeDecodeError):
+            return "has no valid safetensors header (garbage or truncated)"
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if size != 8 + length + end:
+        return f"has {size} bytes where its header needs {8 + length + end} (truncated?)"
     return None
 
 
