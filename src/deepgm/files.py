@@ -1,7 +1,9 @@
-"""Writing result files whole: a reader (or a killed run) sees the old file or the new one, never half of one."""
+"""Writing result files whole: a reader (or a killed run) sees the old file or the new one, never half of one;
+and checksums of files."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -29,3 +31,12 @@ def write_text(path: str | Path, text: str) -> Path:
 
 def write_json(path: str | Path, obj) -> Path:
     return write_text(path, json.dumps(obj, indent=2))
+
+
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

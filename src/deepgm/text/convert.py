@@ -10,7 +10,6 @@ directory is written under a temporary name and renamed, so a reader sees all of
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -21,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from deepgm.files import file_sha256
 from deepgm.text.weights import cache_root, minilm_l3_onnx, minilm_l6_dir, quiet_transformers, require_transformers
 
 ONNX_PREFIX = "model.0.auto_model."  # sentence-transformers module 0 wraps the BertModel as `auto_model`
@@ -164,7 +164,7 @@ def convert_onnx_minilm_l3(out_dir: str | Path, onnx_path: str | Path | None = N
                 shutil.copy2(tokenizer_dir / name, tmp / name)
         record = {
             "source": str(onnx_path),
-            "source_sha256": _sha256(onnx_path),
+            "source_sha256": file_sha256(onnx_path),
             "tokenizer_from": str(tokenizer_dir),
             "check_captions": list(CHECK_CAPTIONS),
             "max_abs_diff_vs_onnxruntime": diff,
@@ -197,11 +197,3 @@ def _publish(tmp: Path, out_dir: Path, replace: bool) -> None:
     os.replace(tmp, out_dir)
     if aside is not None:
         shutil.rmtree(aside, ignore_errors=True)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -11,7 +11,6 @@ run_dir/checkpoints/latest  the name of the newest complete checkpoint directory
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -21,6 +20,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from deepgm.files import file_sha256
+
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 FORMAT_VERSION = 1  # what trainer.json's "format_version" says; a newer one is refused, not misread
@@ -29,14 +30,6 @@ WEIGHT_FILES = ("model.safetensors", "ema.safetensors", "trainer.safetensors")
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names the file, what is wrong and the fix."""
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def damage(path: str | Path) -> str | None:
@@ -62,7 +55,7 @@ def damage(path: str | Path) -> str | None:
             size = file.stat().st_size
             if size != expected["bytes"]:
                 return f"{name} has {size} bytes where trainer.json recorded {expected['bytes']} (truncated?)"
-            if _sha256(file) != expected["sha256"]:
+            if file_sha256(file) != expected["sha256"]:
                 return f"{name} does not match the SHA-256 that trainer.json recorded (the file is corrupted)"
         elif problem := _safetensors_damage(file):
             return f"{name} {problem}"
@@ -208,7 +201,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, ema_model:
     record = {"step": step, **(extra or {}),
               "optimizer": {"param_groups": opt_state["param_groups"], "state": plain},
               "format_version": FORMAT_VERSION,
-              "files": {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+              "files": {name: {"bytes": (tmp / name).stat().st_size, "sha256": file_sha256(tmp / name)}
                         for name in WEIGHT_FILES}}
     (tmp / "trainer.json").write_text(json.dumps(record, indent=2))  # last: marks the directory complete
     for f in tmp.iterdir():
