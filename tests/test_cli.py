@@ -1,5 +1,6 @@
 """The command line end to end on tiny runs, and clear errors for bad input."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -38,6 +39,23 @@ def test_train_writes_a_complete_run(digits_run):
     assert list((digits_run / "tb").glob("events.out.tfevents.*"))
     assert (digits_run / "samples" / "step-00000006.png").is_file()
     assert (digits_run / "loss_curve.png").is_file()
+
+
+def test_a_run_records_its_versions_and_a_hash_of_its_training_data(digits_run):
+    import platform
+
+    import deepgm
+    from deepgm.pipeline import data_fingerprint, load_data
+
+    config = yaml.safe_load((digits_run / "config.yaml").read_text())
+    resolved = config["resolved"]
+    assert resolved["versions"] == {"deepgm": deepgm.__version__, "torch": torch.__version__,
+                                    "python": platform.python_version()}
+    train = load_data(config, "train")
+    assert resolved["data_sha256"] == data_fingerprint(train)
+    changed = dataclasses.replace(train, x=train.x.clone())
+    changed.x[0, 0, 0, 0] += 0.5
+    assert data_fingerprint(changed) != resolved["data_sha256"]
 
 
 def test_sample_writes_grid_and_npz(digits_run, tmp_path):

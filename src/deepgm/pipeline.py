@@ -63,6 +63,27 @@ def plan_for(run_or_config, section: str = "sample", **overrides) -> SamplingPla
     return SamplingPlan.from_config(spec, **overrides)
 
 
+def data_fingerprint(data: Dataset) -> str:
+    """SHA-256 of the training tensors (x, and labels y where there are any): the run records which data it saw."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for tensor in (data.x, data.y):
+        if tensor is not None:
+            digest.update(str((tuple(tensor.shape), str(tensor.dtype))).encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def versions() -> dict:
+    """The versions a run was trained with: deepgm, torch, python."""
+    import platform
+
+    import deepgm
+
+    return {"deepgm": deepgm.__version__, "torch": str(torch.__version__), "python": platform.python_version()}
+
+
 def train_run(config: dict, run_dir: Path, resume: bool = False, progress: bool = True) -> dict:
     """Train the model a config describes into run_dir; resume=True continues an interrupted run exactly."""
     check_config(config)
@@ -82,7 +103,15 @@ def train_run(config: dict, run_dir: Path, resume: bool = False, progress: bool 
     plan = plan_for(config)  # so does a bad sampling plan
     calibrated = plan.sampler in ("auto", "trig-abm") and plan.grid is None or plan.grid == "calibrated"
     preview = plan.replace(**PREVIEW) if calibrated else plan
-    config = {**config, "resolved": {"data": data.spec.to_dict(), "conditions": model.conditioning.spec()}}
+    config = {**config, "resolved": {"data": data.spec.to_dict(), "conditions": model.conditioning.spec(),
+                                     "data_sha256": data_fingerprint(data), "versions": versions()}}
+    if main and resume and saved.exists():
+        import yaml
+
+        before = (yaml.safe_load(saved.read_text()).get("resolved") or {}).get("data_sha256")
+        if before and before != config["resolved"]["data_sha256"]:
+            print(f"warning: the training data of {run_dir} changed since the run started (SHA-256 {before[:12]}... "
+                  f"then, {config['resolved']['data_sha256'][:12]}... now); resuming on the new data", flush=True)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, saved)
