@@ -144,6 +144,10 @@ def test_eval_reports_fid_with_floor_and_bits_per_dim(digits_run, capsys):
     assert metrics["test_bpd"] > 0 and metrics["bpd_levels"] == 17
     for picture in ("forward_process.png", "reverse_process.png", "eval_samples.png"):
         assert (digits_run / picture).is_file()
+    assert main(["eval", str(digits_run)]) == 0  # the same run and seed: the same numbers, to the last digit
+    again = json.loads((digits_run / "eval.json").read_text())
+    assert {k: v for k, v in again.items() if "seconds" not in k} == {k: v for k, v in metrics.items()
+                                                                      if "seconds" not in k}
 
 
 def test_toy_run_trains_samples_the_ring_and_evaluates(tmp_path, monkeypatch):
