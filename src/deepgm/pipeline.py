@@ -10,11 +10,14 @@ evaluate, pictures) and builds them through the registry of deepgm.models, so it
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import platform
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from deepgm.config import check_config, save_config
@@ -29,7 +32,6 @@ from deepgm.train import (
     distributed,
     latest_checkpoint,
     load_state,
-    load_weights,
     usable_checkpoint,
 )
 from deepgm.viz import plot_metrics, save_image_grid, save_strip, scatter_2d
@@ -65,8 +67,6 @@ def plan_for(run_or_config, section: str = "sample", **overrides) -> SamplingPla
 
 def data_fingerprint(data: Dataset) -> str:
     """SHA-256 of the training tensors (x, and labels y where there are any): the run records which data it saw."""
-    import hashlib
-
     digest = hashlib.sha256()
     for tensor in (data.x, data.y):
         if tensor is not None:
@@ -77,9 +77,7 @@ def data_fingerprint(data: Dataset) -> str:
 
 def versions() -> dict:
     """The versions a run was trained with: deepgm, torch, python."""
-    import platform
-
-    import deepgm
+    import deepgm  # the package imports this module
 
     return {"deepgm": deepgm.__version__, "torch": str(torch.__version__), "python": platform.python_version()}
 
@@ -156,8 +154,10 @@ def load_run(run_dir: str | Path, weights: str = "ema", device: str = "cpu") -> 
     resolved = config.get("resolved", {}).get("data")
     spec = DataSpec.from_dict(resolved) if resolved else load_data(config, "train").spec
     model = build_model(config["model"], spec)
+    if weights not in ("ema", "raw"):
+        raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
     file = checkpoint / ("ema.safetensors" if weights == "ema" else "model.safetensors")
-    load_state(model, file, load_weights(checkpoint, which=weights))
+    load_state(model, file, load_file(file))  # usable_checkpoint has checked the files: no second hashing
     model.to(device).eval()
     step = json.loads((checkpoint / "trainer.json").read_text()).get("step", 0)
     return Run(config=config, model=model, data=spec, weights=weights, step=step)

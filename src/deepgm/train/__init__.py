@@ -1,15 +1,15 @@
 """Training: the loop, its config, EMA and atomic safetensors checkpoints."""
 
 from deepgm.train.checkpoint import (
-                                     CheckpointError,
-                                     damage,
-                                     intact_checkpoint,
-                                     latest_checkpoint,
-                                     load_checkpoint,
-                                     load_state,
-                                     load_weights,
-                                     save_checkpoint,
-                                     usable_checkpoint,
+    CheckpointError,
+    damage,
+    intact_checkpoint,
+    latest_checkpoint,
+    load_checkpoint,
+    load_state,
+    load_weights,
+    save_checkpoint,
+    usable_checkpoint,
 )
 from deepgm.train.ema import EMA, ema_decay_at
 from deepgm.train.trainer import BatchSampler, TrainConfig, Trainer, learning_rate

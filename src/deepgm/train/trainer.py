@@ -395,15 +395,13 @@ class Trainer:
         none for start a fresh one, rank_seed(seed, rank, step), so the noise differs from an uninterrupted run.
         """
         path, damaged = intact_checkpoint(self.run_dir)
+        if damaged and path is None:
+            raise CheckpointError(f"no intact checkpoint in {self.run_dir / 'checkpoints'} to resume from; "
+                                  "train again without --resume into a new directory")
         if damaged and self.dist.rank == 0:
             for bad, problem in damaged:
                 print(f"checkpoint {bad} is damaged: {problem}; skipped", flush=True)
-            if path is None:
-                raise CheckpointError(f"no intact checkpoint in {self.run_dir / 'checkpoints'} to resume from; "
-                                      "train again without --resume into a new directory")
             print(f"resuming from {path.name}, the newest intact checkpoint", flush=True)
-        if damaged and path is None:
-            raise CheckpointError(f"no intact checkpoint in {self.run_dir / 'checkpoints'} to resume from")
         if self.dist.world_size > 1:  # every rank must see the same checkpoint (a filesystem all nodes share)
             seen = distributed.all_gather(torch.tensor([-1 if path is None else int(path.name[5:13])]))
             if len({int(s) for s in seen}) > 1:
@@ -418,7 +416,8 @@ class Trainer:
             with safe_open(path / "trainer.safetensors", "pt") as f:
                 if f"generator.{noise}" in f.keys():
                     generators[noise] = self.noise_generator
-        record = load_checkpoint(path, self.model, self.ema_model, self.optimizer, generators, self.scaler)
+        record = load_checkpoint(path, self.model, self.ema_model, self.optimizer, generators, self.scaler,
+                                 verified=True)
         self.step = record["step"]
         if noise not in generators:
             self.noise_generator.manual_seed(distributed.rank_seed(self.config.seed, self.dist.rank, self.step))
