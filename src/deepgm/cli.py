@@ -1,4 +1,4 @@
-"""Command line: deepgm train | sample | eval | collapse | table | data fetch | demo."""
+"""Command line: deepgm train | sample | generate | eval | distill | collapse | table | data fetch | demo."""
 
 from __future__ import annotations
 
@@ -114,6 +114,17 @@ def _table(args) -> None:
     comparison_table(args.runs, args.out, args.k, args.n_samples, args.seed, args.examples, progress=not args.quiet,
                      ode=not args.no_ode)
     print(Path(args.out).with_suffix(".md").read_text())
+
+
+def _distill(args) -> None:
+    from deepgm.studies.distill import distill, summary_text
+
+    summary = distill(args.run, args.out, args.rounds, args.steps_per_round, args.teacher_steps,
+                      tuple(args.guidance_range) if args.guidance_range else None, args.guidance_steps,
+                      {"lr": args.lr} if args.lr else None, progress=not args.quiet)
+    print(summary_text(summary))
+    last = summary["rounds"][-1]
+    print(f"sample the {last['student_steps']}-step student with: deepgm sample {last['run']}")
 
 
 def _demo(args) -> None:
@@ -249,6 +260,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_table)
+
+    p = sub.add_parser("distill", help="progressive distillation of a trained diffusion run (Salimans & Ho 2022), "
+                                       "optionally with guidance distilled into the student (Meng et al. 2023)")
+    p.add_argument("run", help="the teacher's run directory")
+    p.add_argument("--out", required=True, help="directory for the rounds (round-1, round-2, ...); re-run to resume")
+    p.add_argument("--rounds", type=positive_int, required=True, help="halvings of the step count")
+    p.add_argument("--steps-per-round", type=positive_int, default=500, help="training steps of each round")
+    p.add_argument("--teacher-steps", type=positive_int, default=64,
+                   help="the DDIM steps of the first teacher (N_0; students get N_0/2, ..., N_0/2^rounds)")
+    p.add_argument("--guidance-range", type=guidance_weight, nargs=2, metavar=("W_MIN", "W_MAX"),
+                   help="first distil classifier-free guidance for w in [W_MIN, W_MAX] into a student that reads w")
+    p.add_argument("--guidance-steps", type=positive_int, help="training steps of the guidance round (default: "
+                                                               "--steps-per-round)")
+    p.add_argument("--lr", type=float, help="learning rate of every round (default 2e-4, cosine-annealed)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_distill)
 
     p = sub.add_parser("data", help="dataset files: `deepgm data fetch mnist|fashion-mnist|cifar10 --root DIR`")
     data_sub = p.add_subparsers(dest="data_command", required=True)

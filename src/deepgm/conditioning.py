@@ -229,10 +229,65 @@ class TextCondition(Condition):
                 "encoder_dim": self.encoder_dim}
 
 
+class _GuidanceWeightEmbedding(nn.Module):
+    """Sinusoidal features of w and a two-layer MLP whose last layer starts at zero: a student built from a teacher
+    without this input starts out as exactly that teacher, at every w."""
+
+    def __init__(self, dim: int, features: int = 32):
+        super().__init__()
+        self.features = features
+        self.mlp = nn.Sequential(nn.Linear(features, dim), nn.SiLU(), nn.Linear(dim, dim))
+        nn.init.zeros_(self.mlp[2].weight)
+        nn.init.zeros_(self.mlp[2].bias)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        from deepgm.nets.embeddings import timestep_embedding
+
+        # timestep_embedding scales by 1000 for t in [0, 1]; w / 10 puts weights up to ~10 in that range
+        weight = self.mlp[0].weight
+        return self.mlp(timestep_embedding(w / 10, self.features, dtype=weight.dtype))
+
+
+class GuidanceWeight(Condition):
+    """The classifier-free guidance weight w as an input of the network (Meng et al. 2023, "On distillation of
+    guided diffusion models", sec. 3.1): a student distilled from a guided teacher takes w and gives the guided
+    prediction in one evaluation. Never dropped; the default is w = 1 (the conditional model)."""
+
+    key, kind, droppable = "w", "vector", False
+
+    def from_batch(self, batch: dict) -> torch.Tensor:
+        """Training data has no w: w = 1 here, and a distillation objective draws the weights it trains on."""
+        if self.key in batch:
+            return batch[self.key]
+        return torch.ones(len(batch["x"]), dtype=torch.float32, device=batch["x"].device)
+
+    def null(self, value: torch.Tensor) -> torch.Tensor:
+        return value
+
+    def for_samples(self, start: int, n: int, device=None) -> torch.Tensor:
+        return torch.ones(n, device=device)
+
+    def reader(self, dim: int) -> nn.Module:
+        return _GuidanceWeightEmbedding(dim)
+
+    def check(self, value: torch.Tensor, batch: int) -> None:
+        super().check(value, batch)
+        if not value.dtype.is_floating_point or value.dim() != 1:
+            raise ValueError(f"cond['w'] must be a 1-D float tensor of guidance weights, got {value.dtype} of shape "
+                             f"{tuple(value.shape)}")
+        finite = torch.compiler.is_compiling() or bool((torch.isfinite(value) & (value >= 0)).all())
+        if not finite:
+            raise ValueError("guidance weights cond['w'] must be finite and >= 0")
+
+    def spec(self) -> dict:
+        return {"kind": "guidance"}
+
+
 CONDITIONS = {"class": lambda s: ClassLabel(s["num_classes"]),
               "image": lambda s: ImageCondition(s["channels"], s.get("key", "cond_image")),
               "text": lambda s: TextCondition(s.get("encoder", "minilm-l6"), s.get("max_length", 32),
-                                              s.get("encoder_dim"))}
+                                              s.get("encoder_dim")),
+              "guidance": lambda s: GuidanceWeight()}
 
 
 class Conditioning:

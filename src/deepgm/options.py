@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from deepgm.conditioning import ClassLabel, Conditioning, TextCondition
+from deepgm.conditioning import ClassLabel, Conditioning, GuidanceWeight, TextCondition
 from deepgm.data.base import DataSpec
 
 
@@ -25,11 +25,17 @@ def class_conditioning(spec: dict, data: DataSpec) -> Conditioning:
 
 def model_conditioning(spec: dict, data: DataSpec) -> Conditioning:
     """The conditions a `model:` section asks for: class labels (`class_conditional: true`) and/or a caption
-    (`text: {encoder: minilm-l6, max_length: 32}`, read through a frozen pretrained encoder)."""
+    (`text: {encoder: minilm-l6, max_length: 32}`, read through a frozen pretrained encoder), and the guidance
+    weight as an input (`guidance_input: true`, a guidance-distilled student)."""
     conditions = list(class_conditioning(spec, data).conditions.values())
     text = spec.get("text")
     if text:
         text = check_options(text if isinstance(text, dict) else {"encoder": text}, {"encoder", "max_length"},
                              "model.text")
         conditions.append(TextCondition(text.get("encoder", "minilm-l6"), int(text.get("max_length", 32))))
+    if spec.get("guidance_input", False):  # a guidance-distilled student reads w (deepgm.conditioning.GuidanceWeight)
+        if not conditions:
+            raise ValueError("model.guidance_input needs a conditional model (class_conditional or text): guidance "
+                             "weighs a condition against its absence")
+        conditions.append(GuidanceWeight())
     return Conditioning(conditions)

@@ -30,6 +30,7 @@ from deepgm.train import (
     TrainConfig,
     Trainer,
     distributed,
+    init_from,
     latest_checkpoint,
     load_state,
     usable_checkpoint,
@@ -98,6 +99,11 @@ def train_run(config: dict, run_dir: Path, resume: bool = False, progress: bool 
     data = load_data(config, "train")
     model = build_model(config["model"], data.spec)  # a bad model spec fails here, before anything is written
     model.conditioning.prepare(data)  # e.g. caption token ids, once
+    if train_config.init_from and not resume:  # e.g. a distilled student starts as its teacher
+        new = init_from(model, train_config.init_from)
+        if main:
+            print(f"started from the EMA weights of {train_config.init_from}"
+                  + (f"; {len(new)} new tensors keep their initialisation (e.g. {new[0]})" if new else ""), flush=True)
     plan = plan_for(config)  # so does a bad sampling plan
     calibrated = plan.sampler in ("auto", "trig-abm") and plan.grid is None or plan.grid == "calibrated"
     preview = plan.replace(**PREVIEW) if calibrated else plan

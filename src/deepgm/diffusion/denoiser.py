@@ -167,12 +167,17 @@ class Guided(nn.Module):
     x0 = x0_uncond + w (x0_cond - x0_uncond), eps likewise (both are affine in the network output, so the pair
     stays consistent with x_t = alpha x0 + sigma eps). w = 1 is the conditional model, w = 0 the unconditional one;
     for other w the conditional and unconditional inputs go through the network in one batch, two evaluations.
-    `conditioning` says which keys of cond are dropped (deepgm.conditioning) and what their null values are."""
+    `conditioning` says which keys of cond are dropped (deepgm.conditioning) and what their null values are.
+    `weight` is a number, or a (B,) tensor of one weight per example (a guidance-distillation teacher)."""
 
-    def __init__(self, denoiser: nn.Module, weight: float, conditioning):
+    def __init__(self, denoiser: nn.Module, weight: float | torch.Tensor, conditioning):
         super().__init__()
-        weight = float(weight)
-        if not math.isfinite(weight) or weight < 0:
+        if torch.is_tensor(weight) and weight.dim() > 0:
+            bad = not bool((torch.isfinite(weight) & (weight >= 0)).all())
+        else:
+            weight = float(weight)
+            bad = not math.isfinite(weight) or weight < 0
+        if bad:
             raise ValueError(f"guidance weight must be a finite number >= 0, got {weight}")
         if not conditioning.guidable:
             raise ValueError("classifier-free guidance needs a conditional model (class labels or text); this "
@@ -180,15 +185,15 @@ class Guided(nn.Module):
         self.denoiser, self.weight, self.conditioning = denoiser, weight, conditioning
         self.schedule = denoiser.schedule
         inner = getattr(denoiser, "evaluations", 1)
-        self.evaluations = inner if weight in (0.0, 1.0) else 2 * inner
+        self.evaluations = inner if isinstance(weight, float) and weight in (0.0, 1.0) else 2 * inner
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, **cond) -> Prediction:
         if not cond:
             raise ValueError("guidance needs the condition of each sample (e.g. y=labels)")
         null = self.conditioning.null(cond)
-        if self.weight == 1.0:
+        if isinstance(self.weight, float) and self.weight == 1.0:
             return self.denoiser(x, t, **cond)
-        if self.weight == 0.0:
+        if isinstance(self.weight, float) and self.weight == 0.0:
             return self.denoiser(x, t, **null)
         t = torch.as_tensor(t, device=x.device, dtype=torch.float64)
         t2 = t if t.dim() == 0 else torch.cat([t, t])
@@ -196,5 +201,5 @@ class Guided(nn.Module):
         pred = self.denoiser(torch.cat([x, x]), t2, **both)  # (2B, ...): conditional, then unconditional
         x0_c, x0_u = pred.x0.chunk(2)
         eps_c, eps_u = pred.eps.chunk(2)
-        w = self.weight
+        w = self.weight if isinstance(self.weight, float) else expand_like(self.weight, x0_c)
         return Prediction(x0_u + w * (x0_c - x0_u), eps_u + w * (eps_c - eps_u))

@@ -58,6 +58,14 @@ def uniform(schedule: Schedule, steps: int, t_min: float | None = None) -> torch
     return _finish(schedule, positive)
 
 
+def student(schedule: Schedule, steps: int) -> torch.Tensor:
+    """Exactly t_i = i/steps for i = steps, ..., 1, then 0, with no rounding to a discrete schedule's timesteps: the
+    grid a progressive-distillation student is trained on and samples with (Salimans & Ho 2022, Algorithm 2)."""
+    _check(steps)
+    positive = torch.arange(steps, 0, -1, dtype=torch.float64) / steps
+    return torch.cat([positive, positive.new_zeros(1)])
+
+
 def log_snr(schedule: Schedule, steps: int, t_min: float | None = None) -> torch.Tensor:
     """Uniform in log-SNR lambda between lambda(1) and lambda(t_min), then 0 (Lu et al. 2022, sec. 3.3)."""
     _check(steps)
@@ -105,7 +113,8 @@ def from_scaled_noise(schedule: Schedule, s: torch.Tensor, t_min: float | None =
     return _finish(schedule, positive)
 
 
-GRIDS: dict[str, Callable[..., torch.Tensor]] = {"uniform": uniform, "log-snr": log_snr, "karras": karras, "trig": trig}
+GRIDS: dict[str, Callable[..., torch.Tensor]] = {"uniform": uniform, "log-snr": log_snr, "karras": karras, "trig": trig,
+                                                 "student": student}
 CALIBRATED = "calibrated"  # made from the model, not the schedule alone: deepgm.diffusion.calibration
 
 

@@ -48,6 +48,7 @@ class DiffusionModel(nn.Module):
         self.levels = levels
         self.cond_dropout = cond_dropout
         self.data_shape = tuple(data_shape) if data_shape is not None else None
+        self.distilled: dict | None = None  # a distilled student: {steps: N or None, guidance: [lo, hi] or None}
         self._sampling_denoisers: dict = {}
 
     @property
@@ -72,7 +73,7 @@ class DiffusionModel(nn.Module):
         key = (float(plan.guidance), kind, percentile)
         if key not in self._sampling_denoisers:
             denoiser = self.denoiser
-            if plan.guidance != 1:
+            if plan.guidance != 1 and "w" not in self.conditioning:  # a guidance-distilled net reads w instead
                 denoiser = Guided(denoiser, plan.guidance, self.conditioning)
             if kind != "none":
                 denoiser = Thresholded(denoiser, percentile)
@@ -86,18 +87,39 @@ class DiffusionModel(nn.Module):
         if plan.guidance != 1 and not self.conditioning.guidable:
             raise ValueError(f"--guidance {plan.guidance:g} needs a conditional model; this run is unconditional "
                              "(train with model.class_conditional: true or model.text, and model.cond_dropout > 0)")
-        if plan.guidance != 1 and self.cond_dropout == 0:
+        reads_w = "w" in self.conditioning
+        if plan.guidance != 1 and self.cond_dropout == 0 and not reads_w:
             import warnings
 
             warnings.warn("this model was trained without condition dropout, so its unconditional prediction "
                           "(and with it guidance) is untrained; train with model.cond_dropout > 0", stacklevel=2)
+        if self.distilled:
+            self._check_student_plan(plan)
         device = next(self.parameters()).device
         cond = self.conditioning.check(cond, n)
+        if reads_w:  # the guidance weight is an input of the network: one evaluation per step
+            cond = {**cond, "w": torch.full((n,), float(plan.guidance), device=device)}
         result = sample(self.sampling_denoiser(plan), None, (n, *self.data_shape), sampler=plan.sampler,
                         steps=plan.steps, grid=plan.grid, generator=generator, cond=cond, progress=plan.progress,
                         device=device, return_trajectory=plan.return_trajectory, **dict(plan.options))
         result.cond = cond
         return result
+
+    def _check_student_plan(self, plan: SamplingPlan) -> None:
+        """A distilled student learned one thing: deterministic DDIM over its own N-step grid (and, if guided, the
+        weights it was distilled on). Anything else is allowed but said."""
+        import warnings
+
+        steps, guidance = self.distilled.get("steps"), self.distilled.get("guidance")
+        if steps is not None and (plan.sampler != "ddim" or plan.steps != steps or plan.grid != "student"
+                                  or dict(plan.options).get("eta", 0) != 0):
+            warnings.warn(f"this student was distilled for {steps} deterministic DDIM steps on the 'student' grid "
+                          f"(t = i/{steps}); sampling it with {plan.sampler}, {plan.steps} steps, grid {plan.grid} "
+                          "is outside what it learned (deepgm sample RUN uses its own plan when given no "
+                          "--sampler/--steps/--grid)", stacklevel=3)
+        if guidance is not None and not guidance[0] <= plan.guidance <= guidance[1]:
+            warnings.warn(f"this student was distilled for guidance weights in [{guidance[0]:g}, {guidance[1]:g}]; "
+                          f"w = {plan.guidance:g} lies outside them", stacklevel=3)
 
     # ------------------------------------------------------------------------------------------ likelihoods
 

@@ -127,6 +127,24 @@ def load_state(module: nn.Module, file: Path, state: dict[str, torch.Tensor]) ->
     module.load_state_dict(state)
 
 
+def init_from(module: nn.Module, source: str | Path, which: str = "ema") -> list[str]:
+    """Start `module` from the weights of another run (its latest intact checkpoint) or checkpoint directory: every
+    tensor the two share by name and shape is copied; tensors only `module` has (a new input, such as a student's
+    guidance-weight embedding) keep their initialisation and are returned. Tensors only the source has, or of
+    another shape, are one clear error."""
+    state = load_weights(source, which)
+    own = module.state_dict()
+    unexpected = sorted(set(state) - set(own))
+    shapes = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if unexpected or shapes:
+        parts = [f"{len(v)} {what} (e.g. {v[0]})" for what, v in
+                 (("tensors this model lacks", unexpected), ("of another shape", shapes)) if v]
+        raise CheckpointError(f"train.init_from: {source} holds weights this model cannot start from: "
+                              f"{', '.join(parts)}; it needs the same network (model.net) as that run")
+    module.load_state_dict(state, strict=False)
+    return sorted(set(own) - set(state))
+
+
 def _fsync(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())

@@ -57,6 +57,7 @@ class TrainConfig:
     checkpoint_every: int = 500  # checkpoints are also written at the end
     keep_checkpoints: int = 2  # 0 keeps all
     max_skipped_steps: int = 20  # consecutive skipped (non-finite) updates before FloatingPointError
+    init_from: str = ""  # a run (or checkpoint) directory whose EMA weights a new run starts from (train_run)
 
     def __post_init__(self):
         def need(ok: bool, name: str, what: str) -> None:
