@@ -43,7 +43,9 @@ def test_every_grid_ends_at_zero_decreases_and_has_steps_plus_one_points(schedul
     assert times.dtype == torch.float64 and times.shape == (steps + 1,)
     assert times[0] == 1.0 and times[-1] == 0.0
     assert bool((times[1:] < times[:-1]).all())
-    if steps > 1:
+    if grid == "student":  # a distilled student's grid is its own: exactly t = i/steps, whatever the schedule
+        assert times[:-1].tolist() == [i / steps for i in range(steps, 0, -1)]
+    elif steps > 1:
         assert times[-2] == pytest.approx(smallest_time(schedule), rel=1e-12)
 
 
@@ -60,6 +62,7 @@ def test_grids_are_uniform_in_their_coordinate(schedule_name):
 
     if schedule.T is None:
         assert_even(positive["uniform"])
+    assert_even(positive["student"])
     assert_even(lam["log-snr"])
     assert_even(s["karras"] ** (1 / 7))
     assert_even(torch.atan(s["trig"]))  # theta = arctan(s / scale), scale 1
