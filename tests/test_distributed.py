@@ -94,6 +94,10 @@ def _worker(rank: int, port: int, out: str) -> None:
     """One of the two ranks: several runs in one process group (process start-up is the slow part)."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
+    # C++ aborts (gloo, c10d) write to fd 2 and kill the process: keep them in a file the fixture can show
+    log = os.open(os.path.join(out, f"rank{rank}.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
     torch.set_num_threads(1)
     from deepgm.train import distributed
 
@@ -157,7 +161,13 @@ def ddp_runs(tmp_path_factory):
     """The 2-process runs (after the single-process checkpoint that one of them resumes from)."""
     out = tmp_path_factory.mktemp("ddp")
     Trainer(build(Regression), regression(), config(steps=6), out / "linear-1to2", progress=False).fit()
-    mp.start_processes(_worker, args=(free_port(), str(out)), nprocs=WORLD, join=True, start_method="spawn")
+    try:
+        mp.start_processes(_worker, args=(free_port(), str(out)), nprocs=WORLD, join=True, start_method="spawn")
+    except mp.ProcessExitedException as err:
+        tails = {r: (out / f"rank{r}.log").read_text(errors="replace")[-3000:] if (out / f"rank{r}.log").exists()
+                 else "(no log)" for r in range(WORLD)}
+        raise RuntimeError(f"{err}\n" + "\n".join(f"--- rank {r} log tail ---\n{t}" for r, t in tails.items())) \
+            from err
     return out
 
 

@@ -84,10 +84,31 @@ def setup(device: str = "auto", timeout_s: float | None = None) -> DistInfo:
     return DistInfo(rank, world_size, local_rank, dev)
 
 
-def cleanup() -> None:
-    """Leave the process group (safe to call when there is none)."""
-    if dist.is_available() and dist.is_initialized():
+def cleanup(timeout_s: float = 60.0) -> None:
+    """Leave the process group (safe to call when there is none, and more than once).
+
+    The ranks leave in order: every other rank first, rank 0 last. Rank 0 hosts the store the group was
+    built on; if it tore the group down and exited while another rank was still inside
+    destroy_process_group, that rank's gloo threads lost their peer and the process could abort (SIGABRT)
+    after its work was done, turning a finished run into a failed one.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if dist.get_world_size() == 1:
         dist.destroy_process_group()
+        return
+    rank, world = dist.get_rank(), dist.get_world_size()
+    store = dist.distributed_c10d._get_default_store()  # held here: it outlives the group it served
+    dist.barrier()
+    if rank != 0:
+        dist.destroy_process_group()
+        store.set(f"deepgm/left/{rank}", "1")
+        return
+    try:
+        store.wait([f"deepgm/left/{r}" for r in range(1, world)], datetime.timedelta(seconds=timeout_s))
+    except RuntimeError:  # a rank that died on the way out must not hang rank 0 as well
+        pass
+    dist.destroy_process_group()
 
 
 def world_size() -> int:
