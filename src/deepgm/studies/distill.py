@@ -117,7 +117,6 @@ def distill(teacher_run: str | Path, out: str | Path, rounds: int, steps_per_rou
                                   "training_steps": steps_per_round, "minutes": round(minutes, 2)})
         teacher = run_dir
         write_json(out / "distill.json", summary)
-    write_json(out / "distill.json", summary)
     return summary
 
 
