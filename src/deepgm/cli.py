@@ -51,7 +51,7 @@ def _plan_overrides(args) -> dict:
     """The sampling-plan fields given on the command line (None: the config's)."""
     options = {"eta": args.eta} if getattr(args, "eta", None) is not None else None
     return {"sampler": args.sampler, "steps": args.steps, "grid": args.grid, "guidance": args.guidance,
-            "threshold": args.threshold, "options": options}
+            "threshold": args.threshold, "options": options, "augmentation": args.augmentation}
 
 
 def _sample(args) -> None:
@@ -66,12 +66,37 @@ def _sample(args) -> None:
     print(f"wrote {path} and {path.with_suffix('.npz')}")
 
 
+def _is_cascade(path: str) -> bool:
+    """A cascade is a file naming its stage runs; a run is a directory."""
+    return Path(path).is_file()
+
+
+def _refuse_run_options(args) -> None:
+    """Plan overrides a cascade does not take (its file holds each stage's plan): one clear error."""
+    given = [f"--{k.replace('_', '-')}" for k in ("sampler", "steps", "grid", "threshold", "eta", "sweep")
+             if getattr(args, k, None) is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)} apply to a run; a cascade file sets each stage's plan under "
+                         f"`sample:` (it takes --guidance for the base stage and --augmentation for the SR stages)")
+
+
 def _generate(args) -> None:
     from deepgm.pipeline import generate_run
 
     if any(not c.strip() for c in args.captions):
         raise ValueError("a caption is empty; give some words, e.g. \"a red circle on the left\"")
-    overrides = {"sampler": args.sampler, "steps": args.steps, "guidance": args.guidance, "threshold": args.threshold}
+    if _is_cascade(args.run):
+        from deepgm.cascade import generate_cascade
+
+        _refuse_run_options(args)
+        path, output = generate_cascade(args.run, args.captions, args.n, args.seed, args.out, args.guidance,
+                                        args.augmentation)
+        print("NFE per sample by stage: " + ", ".join(f"{x.shape[-1]}x{x.shape[-1]}: {nfe}"
+                                                       for x, nfe in zip(output.images, output.nfe, strict=True)))
+        print(f"wrote {path} and {path.with_suffix('.npz')}")
+        return
+    overrides = {"sampler": args.sampler, "steps": args.steps, "guidance": args.guidance, "threshold": args.threshold,
+                 "augmentation": args.augmentation}
     path, result = generate_run(args.run, args.captions, args.n, args.seed, args.out, args.weights,
                                 sweep=args.sweep_weights if args.sweep else None, **overrides)
     print(f"NFE per sample: {result.nfe}")
@@ -93,6 +118,14 @@ def _eval(args) -> None:
             print(f"{name:26s} {r['bpd']:.4f} ± {r['bpd_ci95']:.4f} {unit} (95% CI, {r['n']} test examples, "
                   f"NFE {r['nfe']}) — {r['note']}")
         print(f"written to {Path(args.run) / 'nll.json'}")
+        return
+    if _is_cascade(args.run):
+        from deepgm.cascade import evaluate_cascade
+
+        _refuse_run_options(args)
+        if args.guidance is not None or args.augmentation is not None:
+            raise ValueError("deepgm eval CASCADE evaluates the plans its file names; change them there")
+        print(json.dumps(evaluate_cascade(args.run, args.n_samples, args.seed, args.out), indent=2))
         return
     metrics = evaluate_run(args.run, args.n_samples, args.seed, vlb_examples=args.vlb_examples,
                            **_plan_overrides(args))
@@ -176,6 +209,20 @@ def _guidance_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threshold", metavar="static|dynamic[:P]|none",
                    help="x0 thresholding of images: static clipping to [-1, 1], Imagen's dynamic thresholding at "
                         "percentile P (default 0.995), or none (default: the config's, static)")
+    p.add_argument("--augmentation", type=augmentation_level, metavar="S",
+                   help="a super-resolution model's noise-conditioning augmentation: its low-resolution input is "
+                        "noised to diffusion time S in [0, 1] (default: the config's; for a cascade, every SR stage)")
+
+
+def augmentation_level(text: str) -> float:
+    """argparse type for a noise-conditioning augmentation level: a number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1] (0: the low-resolution image as it is), got {text}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -209,8 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output path stem (default RUN/samples/<sampler>-<steps>steps-seed<seed>)")
     p.set_defaults(func=_sample)
 
-    p = sub.add_parser("generate", help="samples of a text-conditioned run for given captions: a row per caption")
-    p.add_argument("run", help="run directory of a text-conditioned model (e.g. trained from t2i-shapes-base)")
+    p = sub.add_parser("generate", help="samples of a text-conditioned run (or cascade) for given captions")
+    p.add_argument("run", help="run directory of a text-conditioned model (e.g. trained from t2i-shapes-base), or a "
+                               "cascade file naming a base run and super-resolution runs (deepgm.cascade)")
     p.add_argument("captions", nargs="+", help='one or more captions, e.g. "a small red circle in the top left"')
     p.add_argument("--n", type=positive_int, default=8, help="samples per caption")
     p.add_argument("--seed", type=int, default=0)
@@ -224,8 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output path stem (default RUN/samples/generate-...)")
     p.set_defaults(func=_generate)
 
-    p = sub.add_parser("eval", help="FID / precision / recall and test bits/dim of a trained run")
-    p.add_argument("run", help="run directory")
+    p = sub.add_parser("eval", help="FID / precision / recall and test bits/dim of a trained run (or a cascade)")
+    p.add_argument("run", help="run directory, or a cascade file (alignment and FID at its last stage's size)")
+    p.add_argument("--out", help="a cascade's output folder (default: beside the file, <name>-eval)")
     p.add_argument("--n-samples", type=positive_int, help="samples for FID (default: the config's eval.n_samples)")
     p.add_argument("--sampler", choices=available_samplers())
     p.add_argument("--steps", type=positive_int)

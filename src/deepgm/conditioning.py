@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -139,6 +140,85 @@ class ImageCondition(Condition):
         return {"kind": "image", "channels": self.channels, "key": self.key}
 
 
+class LowResImage(ImageCondition):
+    """The low-resolution image a super-resolution model refines, held in `cond` already upsampled to the model's
+    size (bilinear), so that noise-conditioning augmentation noises it at the resolution the network reads (as
+    imagen-pytorch does). In training it is derived from the batch's own images: box-filtered down to `low_size`
+    (the filter deepgm.data.shapes renders lower resolutions with), then upsampled back."""
+
+    key = "low_res"
+
+    def __init__(self, channels: int, low_size: int, size: int):
+        super().__init__(channels, key="low_res")
+        if low_size < 1 or size <= low_size or size % low_size:
+            raise ValueError(f"a super-resolution stage needs a low resolution that divides its own: low_res="
+                             f"{low_size} does not divide {size} (or is not smaller)")
+        self.low_size, self.size = int(low_size), int(size)
+
+    def downsample(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, size, size) -> (B, C, low_size, low_size) by averaging each block (a box filter)."""
+        return F.avg_pool2d(x, self.size // self.low_size)
+
+    def upsample(self, low: torch.Tensor) -> torch.Tensor:
+        """(B, C, low_size, low_size) -> (B, C, size, size), bilinear: what the network reads."""
+        if low.dim() != 4 or low.shape[1] != self.channels or tuple(low.shape[2:]) != (self.low_size,) * 2:
+            raise ValueError(f"this super-resolution stage upsamples ({self.channels}, {self.low_size}, "
+                             f"{self.low_size}) images, got shape {tuple(low.shape[1:])}")
+        return F.interpolate(low, size=(self.size, self.size), mode="bilinear", align_corners=False)
+
+    def from_batch(self, batch: dict) -> torch.Tensor:
+        if self.key in batch:
+            return batch[self.key]
+        return self.upsample(self.downsample(batch["x"]))
+
+    def check(self, value: torch.Tensor, batch: int) -> None:
+        super().check(value, batch)
+        if tuple(value.shape[2:]) != (self.size, self.size):
+            raise ValueError(f"cond['low_res'] is the low-resolution image upsampled to {self.size}x{self.size}, "
+                             f"got {tuple(value.shape[2:])}; upsample it with LowResImage.upsample")
+
+    def spec(self) -> dict:
+        return {"kind": "low_res", "channels": self.channels, "low_size": self.low_size, "size": self.size}
+
+
+class NoiseAugmentation(Condition):
+    """The level s in [0, 1] of noise-conditioning augmentation (Ho et al. 2021, "Cascaded diffusion models";
+    Saharia et al. 2022): the low-resolution image is noised with the model's own forward kernel at time s, and
+    the network is told s. Training draws s ~ U[0, max_level] per example (DiffusionModel.augment); sampling uses
+    the plan's level. max_level = 0 trains without augmentation (the ablation). Never dropped by guidance."""
+
+    key, kind, droppable = "aug", "vector", False
+
+    def __init__(self, max_level: float):
+        if not 0 <= max_level <= 1:
+            raise ValueError(f"the augmentation level is a diffusion time in [0, 1]; max_augmentation={max_level}")
+        self.max_level = float(max_level)
+
+    def from_batch(self, batch: dict) -> torch.Tensor:
+        """The clean level: DiffusionModel.augment draws the training levels and noises the image with them."""
+        return torch.zeros(len(batch["x"]), dtype=torch.float32, device=batch["x"].device)
+
+    def null(self, value: torch.Tensor) -> torch.Tensor:
+        return value
+
+    def for_samples(self, start: int, n: int, device=None) -> torch.Tensor:
+        return torch.zeros(n, device=device)
+
+    def reader(self, dim: int) -> nn.Module:
+        return _ScalarEmbedding(dim, scale=1.0)
+
+    def check(self, value: torch.Tensor, batch: int) -> None:
+        super().check(value, batch)
+        if not value.dtype.is_floating_point or value.dim() != 1:
+            raise ValueError(f"cond['aug'] must be a 1-D float tensor of levels, got {value.dtype} of shape "
+                             f"{tuple(value.shape)}")
+        if not torch.compiler.is_compiling() and not bool(((value >= 0) & (value <= 1)).all()):
+            raise ValueError("augmentation levels cond['aug'] must lie in [0, 1]")
+
+    def spec(self) -> dict:
+        return {"kind": "augmentation", "max_level": self.max_level}
+
+
 class _TextReader(nn.Module):
     """Runs the condition's frozen encoder (held outside this module, so outside the state dict and the EMA) and
     projects its output: the pooled embedding to the time embedding's width, the tokens to `dim` for
@@ -229,23 +309,24 @@ class TextCondition(Condition):
                 "encoder_dim": self.encoder_dim}
 
 
-class _GuidanceWeightEmbedding(nn.Module):
-    """Sinusoidal features of w and a two-layer MLP whose last layer starts at zero: a student built from a teacher
-    without this input starts out as exactly that teacher, at every w."""
+class _ScalarEmbedding(nn.Module):
+    """Sinusoidal features of a scalar and a two-layer MLP whose last layer starts at zero, so the input has no
+    effect until trained: a student built from a teacher without this input starts out as exactly that teacher,
+    and a super-resolution model trained without augmentation ignores the level it is told."""
 
-    def __init__(self, dim: int, features: int = 32):
+    def __init__(self, dim: int, scale: float, features: int = 32):
         super().__init__()
-        self.features = features
+        self.features, self.scale = features, scale
         self.mlp = nn.Sequential(nn.Linear(features, dim), nn.SiLU(), nn.Linear(dim, dim))
         nn.init.zeros_(self.mlp[2].weight)
         nn.init.zeros_(self.mlp[2].bias)
 
-    def forward(self, w: torch.Tensor) -> torch.Tensor:
+    def forward(self, value: torch.Tensor) -> torch.Tensor:
         from deepgm.nets.embeddings import timestep_embedding
 
-        # timestep_embedding scales by 1000 for t in [0, 1]; w / 10 puts weights up to ~10 in that range
+        # timestep_embedding scales by 1000 for t in [0, 1]; `scale` maps the value's range into [0, 1]
         weight = self.mlp[0].weight
-        return self.mlp(timestep_embedding(w / 10, self.features, dtype=weight.dtype))
+        return self.mlp(timestep_embedding(value / self.scale, self.features, dtype=weight.dtype))
 
 
 class GuidanceWeight(Condition):
@@ -268,7 +349,7 @@ class GuidanceWeight(Condition):
         return torch.ones(n, device=device)
 
     def reader(self, dim: int) -> nn.Module:
-        return _GuidanceWeightEmbedding(dim)
+        return _ScalarEmbedding(dim, scale=10.0)  # weights up to ~10
 
     def check(self, value: torch.Tensor, batch: int) -> None:
         super().check(value, batch)
@@ -287,6 +368,8 @@ CONDITIONS = {"class": lambda s: ClassLabel(s["num_classes"]),
               "image": lambda s: ImageCondition(s["channels"], s.get("key", "cond_image")),
               "text": lambda s: TextCondition(s.get("encoder", "minilm-l6"), s.get("max_length", 32),
                                               s.get("encoder_dim")),
+              "low_res": lambda s: LowResImage(s["channels"], s["low_size"], s["size"]),
+              "augmentation": lambda s: NoiseAugmentation(s["max_level"]),
               "guidance": lambda s: GuidanceWeight()}
 
 

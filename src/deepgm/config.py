@@ -82,7 +82,8 @@ def load_config(spec: str | Path, overrides: list[str] | None = None) -> dict:
     return config
 
 
-PLAN_KEYS = {"sampler", "steps", "grid", "guidance", "threshold", "clip", "options"}  # deepgm.family.SamplingPlan
+# deepgm.family.SamplingPlan
+PLAN_KEYS = {"sampler", "steps", "grid", "guidance", "threshold", "clip", "options", "augmentation"}
 SECTION_KEYS = {"sample": PLAN_KEYS | {"n"}, "eval": PLAN_KEYS | {"n_samples", "vlb", "vlb_examples", "iwae_k"}}
 
 

@@ -69,6 +69,7 @@ class SamplingPlan:
     guidance: float = 1.0
     threshold: str = "static"
     options: tuple = ()  # sampler options as sorted (name, value) pairs, hashable
+    augmentation: float = 0.0  # a super-resolution stage's noise-conditioning augmentation level, in [0, 1]
     progress: bool = False
     return_trajectory: bool = False
 
@@ -80,6 +81,10 @@ class SamplingPlan:
             raise ValueError(f"guidance weight must be a finite number >= 0 (1: the conditional model, 0: the "
                              f"unconditional one), got {self.guidance!r}")
         parse_threshold(self.threshold)
+        level = float(self.augmentation)
+        if not 0 <= level <= 1:  # also refuses NaN
+            raise ValueError(f"the augmentation level is a diffusion time in [0, 1] (0: the low-resolution image as "
+                             f"it is), got {self.augmentation!r}")
 
     @classmethod
     def from_config(cls, section: dict, **overrides) -> SamplingPlan:
@@ -87,7 +92,8 @@ class SamplingPlan:
         with the given fields replaced where not None."""
         threshold = section.get("threshold") or ("static" if section.get("clip", True) else "none")
         plan = {"sampler": section.get("sampler", "auto"), "steps": int(section.get("steps", 50)),
-                "grid": section.get("grid"), "guidance": float(section.get("guidance", 1.0)), "threshold": threshold}
+                "grid": section.get("grid"), "guidance": float(section.get("guidance", 1.0)), "threshold": threshold,
+                "augmentation": float(section.get("augmentation", 0.0))}
         options = dict(section.get("options") or {})
         options.update(overrides.pop("options", None) or {})
         plan.update({k: v for k, v in overrides.items() if v is not None})
@@ -103,6 +109,8 @@ class SamplingPlan:
             name += f"-w{self.guidance:g}"
         if self.threshold != "static":
             name += "-" + self.threshold.replace(":", "")
+        if self.augmentation:
+            name += f"-aug{self.augmentation:g}"
         return name
 
 

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from deepgm.conditioning import ClassLabel, Conditioning, GuidanceWeight, TextCondition
+from deepgm.conditioning import (
+    ClassLabel,
+    Conditioning,
+    GuidanceWeight,
+    LowResImage,
+    NoiseAugmentation,
+    TextCondition,
+)
 from deepgm.data.base import DataSpec
 
 
@@ -26,8 +33,11 @@ def class_conditioning(spec: dict, data: DataSpec) -> Conditioning:
 def model_conditioning(spec: dict, data: DataSpec) -> Conditioning:
     """The conditions a `model:` section asks for: class labels (`class_conditional: true`) and/or a caption
     (`text: {encoder: minilm-l6, max_length: 32}`, read through a frozen pretrained encoder), and the guidance
-    weight as an input (`guidance_input: true`, a guidance-distilled student)."""
+    weight as an input (`guidance_input: true`, a guidance-distilled student), and a low-resolution image with its
+    noise-augmentation level (`super_resolution: {low_res: 16, max_augmentation: 0.5}`, a cascade's SR stage)."""
     conditions = list(class_conditioning(spec, data).conditions.values())
+    if spec.get("super_resolution"):
+        conditions += super_resolution_conditions(spec["super_resolution"], data)
     text = spec.get("text")
     if text:
         text = check_options(text if isinstance(text, dict) else {"encoder": text}, {"encoder", "max_length"},
@@ -39,3 +49,15 @@ def model_conditioning(spec: dict, data: DataSpec) -> Conditioning:
                              "weighs a condition against its absence")
         conditions.append(GuidanceWeight())
     return Conditioning(conditions)
+
+
+def super_resolution_conditions(spec: dict, data: DataSpec) -> list:
+    """A super-resolution stage's conditions: the image at `low_res` (upsampled, concatenated to x_t) and the level of
+    noise-conditioning augmentation, drawn from U[0, max_augmentation] in training (0: no augmentation)."""
+    spec = check_options(spec, {"low_res", "max_augmentation"}, "model.super_resolution")
+    if "low_res" not in spec:
+        raise ValueError("model.super_resolution needs low_res: the resolution of the stage below, e.g. 16")
+    if not data.is_image or data.shape[1] != data.shape[2]:
+        raise ValueError(f"super-resolution needs square images; {data.name!r} has shape {data.shape}")
+    return [LowResImage(data.shape[0], int(spec["low_res"]), data.shape[-1]),
+            NoiseAugmentation(float(spec.get("max_augmentation", 0.5)))]

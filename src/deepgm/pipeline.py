@@ -62,7 +62,8 @@ def plan_for(run_or_config, section: str = "sample", **overrides) -> SamplingPla
     spec = dict(config["sample"])
     if section == "eval":
         spec.update({k: v for k, v in config["eval"].items() if k in ("sampler", "steps", "grid", "guidance",
-                                                                       "threshold", "clip", "options")})
+                                                                       "threshold", "clip", "options",
+                                                                       "augmentation")})
     return SamplingPlan.from_config(spec, **overrides)
 
 
@@ -249,25 +250,32 @@ def sample_metrics(run: Run, result: SampleOutput, test: Dataset, seed: int = 0,
 
     train = train or load_data(run.config, "train")
     if train.attributes is not None:  # captioned scenes: fidelity in the attribute net's features, and alignment
-        from deepgm.eval.alignment import alignment
-
-        features = get_feature_net(run.config["data"]["name"], _data_options(run.config))
-        x = result.x.clamp(-1, 1).cpu()
-        rows = torch.arange(len(x)) % len(test)  # the captions Conditioning.examples gave, in order
-        out = evaluate_samples(x, features, train.x, test.x)
-        out["attribute_net_test_accuracy"] = out.pop("feature_net_test_accuracy")  # every attribute right
-        out.update({f"attribute_net_accuracy_{k}": v for k, v in (features.attribute_accuracy or {}).items()})
-        out.update(alignment(test.agreement(features.predict(x), test.attributes[rows])))
-        # the ceiling the classifier allows: the same captions' real images, read the same way
-        real = test.agreement(features.predict(test.x[rows]), test.attributes[rows])
-        out["alignment_of_real_images"] = alignment(real)["alignment"]
-        return out
+        rows = torch.arange(len(result.x)) % len(test)  # the captions Conditioning.examples gave, in order
+        return caption_metrics(result.x.clamp(-1, 1).cpu(), run.config, train, test, rows)
     if train.is_image and train.num_classes:
         features = get_feature_net(run.config["data"]["name"], _data_options(run.config))
         return evaluate_samples(result.x.clamp(-1, 1).cpu(), features, train.x, test.x, labels=result.cond.get("y"))
     g = torch.Generator().manual_seed(seed)
     return {"sliced_wasserstein": sliced_wasserstein(result.x.cpu(), test.x, generator=g),
             "sliced_wasserstein_floor": sliced_wasserstein(train.x[: len(test)], test.x, generator=g)}
+
+
+def caption_metrics(x: torch.Tensor, config: dict, train: Dataset, test: Dataset, rows: torch.Tensor) -> dict:
+    """Images x generated for the captions test.captions[rows]: FID / precision / recall in the features of the
+    attribute classifier of the config's data (trained once at that resolution, then cached), beside the data's
+    floor, and alignment: the share of images whose every named attribute the classifier reads as named, beside
+    the same share for the captions' real images (the ceiling the classifier allows)."""
+    from deepgm.eval import evaluate_samples, get_feature_net
+    from deepgm.eval.alignment import alignment
+
+    features = get_feature_net(config["data"]["name"], _data_options(config))
+    out = evaluate_samples(x, features, train.x, test.x)
+    out["attribute_net_test_accuracy"] = out.pop("feature_net_test_accuracy")  # every attribute right
+    out.update({f"attribute_net_accuracy_{k}": v for k, v in (features.attribute_accuracy or {}).items()})
+    out.update(alignment(test.agreement(features.predict(x), test.attributes[rows])))
+    real = test.agreement(features.predict(test.x[rows]), test.attributes[rows])
+    out["alignment_of_real_images"] = alignment(real)["alignment"]
+    return out
 
 
 def evaluate_run(run_dir: str | Path, n_samples: int | None = None, seed: int = 0, progress: bool = True,

@@ -10,7 +10,7 @@ from deepgm.nets.build import build_net
 from deepgm.options import check_options, model_conditioning
 
 OPTIONS = {"kind", "net", "schedule", "parameterization", "loss", "weighting", "sigma_data", "class_conditional",
-           "text", "cond_dropout", "label_dropout", "guidance_input", "distill"}
+           "text", "cond_dropout", "label_dropout", "guidance_input", "distill", "super_resolution"}
 
 
 def build_ddpm(spec: dict, data: DataSpec) -> DiffusionModel:

@@ -61,8 +61,21 @@ class DiffusionModel(nn.Module):
 
     def loss(self, batch: dict[str, torch.Tensor], generator: torch.Generator):
         """Mean training loss over the batch and its named terms."""
-        cond = self.conditioning.drop(self.conditioning.from_batch(batch), self.cond_dropout, generator)
+        cond = self.conditioning.from_batch(batch)
+        if "aug" in self.conditioning:  # a super-resolution stage: its low-res input noised at a random level
+            x = batch["x"]
+            level = torch.rand(len(x), generator=generator, device=x.device) * self.conditioning["aug"].max_level
+            cond = self.augment(cond, level, generator)
+        cond = self.conditioning.drop(cond, self.cond_dropout, generator)
         return self.objective(self.denoiser, batch["x"], cond, generator)
+
+    def augment(self, cond: dict, level: torch.Tensor, generator: torch.Generator | None) -> dict:
+        """Noise-conditioning augmentation: cond['low_res'] drawn from the forward kernel q(z_s | low_res) of this
+        model's schedule at time s = level (B,), and cond['aug'] = level. Level 0 leaves the image exactly as is."""
+        low = cond["low_res"]
+        noised, _ = noise_data(self.schedule, low, level.to(low.device, torch.float64), generator)
+        clean = (level == 0).reshape(-1, *([1] * (low.dim() - 1))).to(low.device)
+        return {**cond, "low_res": torch.where(clean, low, noised.to(low.dtype)), "aug": level.to(low.dtype)}
 
     # ---------------------------------------------------------------------------------------------- sampling
 
@@ -95,8 +108,17 @@ class DiffusionModel(nn.Module):
                           "(and with it guidance) is untrained; train with model.cond_dropout > 0", stacklevel=2)
         if self.distilled:
             self._check_student_plan(plan)
+        if plan.augmentation and "aug" not in self.conditioning:
+            raise ValueError(f"--augmentation {plan.augmentation:g} is the noise level of a super-resolution stage's "
+                             "low-resolution input; this model has none (model.super_resolution)")
         device = next(self.parameters()).device
         cond = self.conditioning.check(cond, n)
+        if "aug" in self.conditioning:  # noise-conditioning augmentation at the plan's level
+            if "low_res" not in cond:
+                raise ValueError("a super-resolution model samples from a low-resolution image: pass cond['low_res'] "
+                                 "(upsampled with LowResImage.upsample), or sample a cascade")
+            level = torch.full((n,), float(plan.augmentation), device=device)
+            cond = self.augment(cond, level, generator)
         if reads_w:  # the guidance weight is an input of the network: one evaluation per step
             cond = {**cond, "w": torch.full((n,), float(plan.guidance), device=device)}
         result = sample(self.sampling_denoiser(plan), None, (n, *self.data_shape), sampler=plan.sampler,
