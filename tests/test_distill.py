@@ -1,5 +1,6 @@
-"""Progressive distillation (Salimans & Ho 2022, Algorithm 2) and guidance distillation (Meng et al. 2023), checked
-against DDIM steps taken by deepgm's own sampler on exact Gaussian denoisers, and end to end through `deepgm distill`."""
+"""Progressive distillation (Salimans & Ho 2022, Algorithm 2) and guidance distillation (Meng et al. 2023),
+checked against DDIM steps taken by deepgm's own sampler on exact Gaussian denoisers, and end to end through
+`deepgm distill`."""
 
 import hashlib
 import shutil
@@ -21,8 +22,8 @@ from deepgm.diffusion.distill import (
 from deepgm.diffusion.grids import make_grid
 from deepgm.diffusion.model import DiffusionModel
 from deepgm.diffusion.samplers import ddim
-from deepgm.diffusion.schedule_registry import make_schedule
 from deepgm.diffusion.sampling import sample
+from deepgm.diffusion.schedule_registry import make_schedule
 from deepgm.nets.mlp import MLP
 from deepgm.pipeline import load_run
 from deepgm.studies.distill import distill, round_plan
@@ -33,8 +34,9 @@ SCHEDULES = {"cosine-1000": ("cosine", {"T": 1000}), "cosine-vp": ("cosine-vp", 
 
 
 def gaussian_teacher(schedule) -> DiffusionModel:
-    """A class-conditional model whose x0 is the exact posterior mean of N(m_y, VAR I) (the null label: N(m_avg, VAR I)),
-    with the class label owned by a real ClassLabel condition, so guidance drops it as it would a network's."""
+    """A class-conditional model whose x0 is the exact posterior mean of N(m_y, VAR I) (the null label:
+    N(m_avg, VAR I)), with the class label owned by a real ClassLabel condition, so guidance drops it as it would a
+    network's."""
 
     def x0(x, t, y):
         alpha, sigma = (v.to(x.dtype)[:, None] for v in schedule.alpha_sigma(t.double()))

@@ -98,24 +98,31 @@ class Cascade:
                   for k, s in enumerate(self.stages)]
         return Cascade(stages)
 
-    def generate(self, captions: list[str], seed: int = 0, stages: int | None = None) -> CascadeOutput:
-        """One image per caption from each of the first `stages` stages (all by default); image i depends only on
-        (seed, i), as for a single run (deepgm.family.generate_chunked)."""
+    def generate(self, captions: list[str], seed: int = 0) -> CascadeOutput:
+        """One image per caption from every stage; image i depends only on (seed, i), as for a single run
+        (deepgm.family.generate_chunked)."""
         if not captions:
             raise ValueError("give at least one caption")
         images, nfe, seconds = [], [], []
-        for k, stage in enumerate(self.stages[:stages]):
+        for k in range(len(self.stages)):
             start = time.perf_counter()
-            reads_text = any(c.kind == "tokens" for c in stage.model.conditioning.conditions.values())
-            cond = stage.model.conditioning.for_captions(captions) if reads_text or not k else {}  # SR: text optional
-            if k:
-                cond["low_res"] = stage.low_res.upsample(images[-1].to(next(stage.model.parameters()).device))
-            with torch.inference_mode():
-                result = generate_chunked(stage.model, len(captions), seed + k * STAGE_SEED, stage.plan, cond)
-            images.append(result.x.clamp(-1, 1).cpu())
-            nfe.append(result.nfe)
+            x, evaluations = self.run_stage(k, captions, images[-1] if k else None, seed)
+            images.append(x)
+            nfe.append(evaluations)
             seconds.append(time.perf_counter() - start)
         return CascadeOutput(images, nfe, seconds, list(captions))
+
+    def run_stage(self, k: int, captions: list[str], below: torch.Tensor | None, seed: int = 0):
+        """Stage k's images (clamped to [-1, 1], on the CPU) for the captions, from the images of the stage below
+        (None for the base), and its NFE per image."""
+        stage = self.stages[k]
+        reads_text = any(c.kind == "tokens" for c in stage.model.conditioning.conditions.values())
+        cond = stage.model.conditioning.for_captions(captions) if reads_text or not k else {}  # SR: text optional
+        if k:
+            cond["low_res"] = stage.low_res.upsample(below.to(next(stage.model.parameters()).device))
+        with torch.inference_mode():
+            result = generate_chunked(stage.model, len(captions), seed + k * STAGE_SEED, stage.plan, cond)
+        return result.x.clamp(-1, 1).cpu(), result.nfe
 
 
 def _check_stage_spec(entry, k: int, path: Path) -> dict:
