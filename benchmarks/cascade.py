@@ -68,12 +68,14 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
 
+    Path(args.out).mkdir(parents=True, exist_ok=True)
     base = stage(args.base)
     sr32 = {"aug": stage(args.sr32, augmentation=args.level), "noaug": stage(args.sr32_noaug, augmentation=args.level)}
     sr64 = stage(args.sr64, augmentation=args.level)
     cascade = Cascade([base, sr32["aug"], sr64])
     Cascade([base, sr32["noaug"], sr64])  # checks that the ablation chains too
     c32, c64 = sr32["aug"].config, sr64.config
+    s1, s2 = sr32["aug"].size, sr64.size  # 32 and 64 in the shipped configs
     train32, train64 = load_data(c32, "train"), load_data(c64, "train")
     results: dict = {"n": args.n, "seed": args.seed, "level": args.level,
                      "plans": {s.name: s.plan.describe() for s in (base, sr32["aug"], sr32["noaug"], sr64)},
@@ -93,8 +95,8 @@ def main(argv=None) -> int:
         seconds = {"base": time.perf_counter() - start}
         out: dict = {"floor64": floor_at_n(c64, train64, data64, args.n),
                      "floor32": floor_at_n(c32, train32, data32, args.n),
-                     "bilinear64": measure(up(x16, 64), c64, train64, data64, rows),
-                     "bilinear32": measure(up(x16, 32), c32, train32, data32, rows), "sweep": []}
+                     "bilinear64": measure(up(x16, s2), c64, train64, data64, rows),
+                     "bilinear32": measure(up(x16, s1), c32, train32, data32, rows), "sweep": []}
         for variant, sr in sr32.items():
             for level in LEVELS if split == "test" else (args.level,):  # held-out captions: the cascade only
                 if split != "test" and variant != "aug":
@@ -153,8 +155,8 @@ def main(argv=None) -> int:
     print("\n".join(lines))
 
     x16, x32, x64, captions = pictures["cascade"]
-    strip = [torch.stack([up(a[None], 64)[0], F.interpolate(a[None], size=(64, 64), mode="nearest")[0],
-                          F.interpolate(b[None], size=(64, 64), mode="nearest")[0], c])
+    strip = [torch.stack([up(a[None], s2)[0], F.interpolate(a[None], size=(s2, s2), mode="nearest")[0],
+                          F.interpolate(b[None], size=(s2, s2), mode="nearest")[0], c])
              for a, b, c in zip(x16, x32, x64, strict=True)]
     save_strip(strip, Path(args.out) / "cascade_samples.png", labels=captions)
     sweep = [pictures[(v, lvl)] for v in ("aug", "noaug") for lvl in (0.0, 0.3)]
