@@ -56,7 +56,17 @@ def _plan_overrides(args) -> dict:
 
 def _sample(args) -> None:
     from deepgm.pipeline import sample_run
+    from deepgm.shards import SHARD_SIZE, parse_shard, sample_shards
 
+    if args.shard or args.shard_size or args.n > SHARD_SIZE:  # a large job: streamed to disk in shards
+        shard = parse_shard(args.shard) if args.shard else (1, 1)
+        job = sample_shards(args.run, args.n, args.seed, args.out, shard, args.shard_size or SHARD_SIZE,
+                            args.weights, progress=not args.quiet, **_plan_overrides(args))
+        print(f"{job.out}: {len(job.made)} shard(s) made now, {job.already} already there, of {job.shards}"
+              + (f"; NFE per sample: {job.nfe}" if job.nfe is not None else ""))
+        print(f"merged into {job.merged}" if job.merged else "waiting for the other --shard processes; the last "
+              "to finish merges")
+        return
     path, result = sample_run(args.run, args.n, args.seed, args.out, args.weights, **_plan_overrides(args))
     if result.calibration is not None:
         c = result.calibration
@@ -253,7 +263,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "(0 deterministic, 1 ancestral)")
     _guidance_arguments(p)
     p.add_argument("--weights", choices=["ema", "raw"], default="ema", help="which weights to sample with")
-    p.add_argument("--out", help="output path stem (default RUN/samples/<sampler>-<steps>steps-seed<seed>)")
+    p.add_argument("--out", help="output path stem (default RUN/samples/<sampler>-<steps>steps-seed<seed>); for a "
+                                 "sharded job, its folder (default RUN/samples/<plan>-seed<seed>-n<n>)")
+    p.add_argument("--shard", metavar="k/K", help="make shard k of K of the job (k = 1..K; run K processes, on one "
+                                                  "machine or several sharing the folder); implies streaming")
+    p.add_argument("--shard-size", type=positive_int, metavar="S",
+                   help="samples per shard file (a multiple of 64; default 1024). Any n above 1024 streams to "
+                        "shards: memory stays that of one shard, and a killed job resumes without redoing any")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_sample)
 
     p = sub.add_parser("generate", help="samples of a text-conditioned run (or cascade) for given captions")

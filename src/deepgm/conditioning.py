@@ -430,13 +430,14 @@ class Conditioning:
             raise ValueError("give at least one caption")
         return {c.key: c.tokenize(list(captions)) for c in text}
 
-    def examples(self, data, n: int) -> dict[str, torch.Tensor]:
-        """Values for n samples of the conditions without a default, from the (prepared) data's examples in
-        order: e.g. the test captions for an evaluation, the training captions for a preview."""
+    def examples(self, data, n: int, start: int = 0) -> dict[str, torch.Tensor]:
+        """Values for samples start, ..., start + n - 1 of the conditions without a default, from the (prepared)
+        data's examples in order (cycled): e.g. the test captions for an evaluation, the training captions for a
+        preview."""
         wanted = [c for c in self.conditions.values() if c.needs_examples]
         if not wanted:
             return {}
-        batch = data.batch(torch.arange(n) % len(data))
+        batch = data.batch(torch.arange(start, start + n) % len(data))
         return {c.key: c.from_batch(batch) for c in wanted}
 
     def check(self, cond: dict | None, batch: int) -> dict[str, torch.Tensor]:

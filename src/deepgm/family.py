@@ -140,23 +140,26 @@ def chunk_generator(seed: int, chunk: int, device=None) -> torch.Generator:
 
 
 def generate_chunked(model: ModelFamily, n: int, seed: int, plan: SamplingPlan, cond: dict | None = None,
-                     device=None, chunk: int = CHUNK) -> SampleOutput:
-    """n samples, chunk by chunk: sample i is the same for any n, because its noise depends only on (seed, i).
+                     device=None, chunk: int = CHUNK, start: int = 0) -> SampleOutput:
+    """Samples start, ..., start + n - 1 of a job, chunk by chunk: sample i is the same for any n and start, because
+    its noise depends only on (seed, i).
 
     Each chunk of `chunk` samples is generated whole with its own generator (seeded by (seed, chunk index)) and the
-    last one is cut to n: a partial chunk would draw its noise at other stream offsets. cond: a value per sample for
-    some keys of the model's conditioning; the other keys take each condition's default for the sample's index
-    (class labels in turn)."""
+    last one is cut to n: a partial chunk would draw its noise at other stream offsets. `start` (a multiple of
+    `chunk`) lets a job be split into shards. cond: a value per sample (of these n) for some keys of the model's
+    conditioning; the other keys take each condition's default for the sample's index (class labels in turn)."""
     if n < 1:
         raise ValueError(f"the number of samples must be >= 1, got {n}")
+    if start % chunk:
+        raise ValueError(f"a shard must start at a multiple of the chunk size {chunk}, got {start}")
     cond = model.conditioning.check(cond, n) if cond else {}
     device = device or next(model.parameters()).device
     outputs = []
-    for c, start in enumerate(range(0, n, chunk)):
-        index = torch.arange(start, start + chunk).clamp(max=n - 1)  # the cut chunk's extra rows repeat the last
-        part = {**(model.conditioning.for_samples(start, chunk, device) if model.conditioning else {}),
+    for c, offset in enumerate(range(0, n, chunk)):
+        index = torch.arange(offset, offset + chunk).clamp(max=n - 1)  # the cut chunk's extra rows repeat the last
+        part = {**(model.conditioning.for_samples(start + offset, chunk, device) if model.conditioning else {}),
                 **{k: v[index].to(device) for k, v in cond.items()}}
-        outputs.append(model.generate(chunk, part, chunk_generator(seed, c, device), plan))
+        outputs.append(model.generate(chunk, part, chunk_generator(seed, start // chunk + c, device), plan))
     first = outputs[0]
     cond_all = {k: torch.cat([o.cond[k] for o in outputs])[:n] for k in first.cond}
     trajectory = ([torch.cat(steps)[:n] for steps in zip(*(o.trajectory for o in outputs), strict=True)]
