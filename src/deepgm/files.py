@@ -12,8 +12,9 @@ from pathlib import Path
 
 
 def atomic_write(path: str | Path, write: Callable[[str], object]) -> Path:
-    """Call write(tmp_path) on a temp file beside `path`, then move it into place."""
+    """Call write(tmp_path) on a temp file beside `path` (its folder made if missing), then move it into place."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     os.close(fd)
     try:
