@@ -367,6 +367,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"deepgm {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # at run time: an unwritable folder, a full disk; checkpoints are written atomically
+        print(f"deepgm {args.command}: error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import platform
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +86,38 @@ def versions() -> dict:
     return {"deepgm": deepgm.__version__, "torch": str(torch.__version__), "python": platform.python_version()}
 
 
+class RunDirectoryError(OSError):
+    """The run directory cannot hold the run: not writable, or too little free space."""
+
+
+CHECKPOINT_COPIES = 4  # a checkpoint holds the weights, their EMA and AdamW's two moments
+SLACK_BYTES = 16 << 20  # logs, sample grids, TensorBoard events
+
+
+def check_run_dir(run_dir: Path, model: nn.Module, keep: int) -> None:
+    """Before training: the run directory can be written, and its disk has room for the checkpoints the run keeps
+    plus the one being written; otherwise one clear error, with nothing written."""
+    existed = run_dir.exists()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise RunDirectoryError(f"cannot write to the run directory {run_dir} ({err.strerror}); choose another "
+                                "--out") from None
+    checkpoint = CHECKPOINT_COPIES * sum(p.numel() * p.element_size() for p in model.parameters())
+    need = checkpoint * ((keep or 1) + 1) + SLACK_BYTES
+    free = shutil.disk_usage(run_dir).free
+    if free < need:
+        if not existed:
+            run_dir.rmdir()  # leave nothing behind
+        raise RunDirectoryError(f"the disk of {run_dir} has {free / 2**20:.1f} MiB free; this run needs about "
+                                f"{need / 2**20:.1f} MiB ({keep or 1} checkpoints of {checkpoint / 2**20:.1f} MiB "
+                                "kept, one more while it is written, and logs); free some space or choose another "
+                                "--out")
+
+
 def train_run(config: dict, run_dir: Path, resume: bool = False, progress: bool = True) -> dict:
     """Train the model a config describes into run_dir; resume=True continues an interrupted run exactly."""
     check_config(config)
@@ -118,7 +152,7 @@ def train_run(config: dict, run_dir: Path, resume: bool = False, progress: bool 
             print(f"warning: the training data of {run_dir} changed since the run started (SHA-256 {before[:12]}... "
                   f"then, {config['resolved']['data_sha256'][:12]}... now); resuming on the new data", flush=True)
     if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        check_run_dir(run_dir, model, train_config.keep_checkpoints)
         save_config(config, saved)
 
     def sample_fn(ema_model: nn.Module, step: int) -> None:
