@@ -237,3 +237,45 @@ def test_deepgm_train_under_torchrun(tmp_path):
     assert [r["step"] for r in lines(run / "metrics.jsonl")] == [2, 4]
     assert (run / "samples" / "step-00000004.png").is_file() and (run / "config.yaml").is_file()
     assert latest_checkpoint(run).name == "step-00000004"
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "--ppid", str(pid), "-o", "pid="], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def test_a_rank_killed_mid_run_stops_the_others_within_a_bounded_time_and_the_run_resumes_alone(tmp_path):
+    """kill -9 of one of two workers: nothing hangs (torchrun's agent sees the lost rank and stops the other), the
+    exit status says the run failed, and the run resumes from its last checkpoint at another world size."""
+    import signal
+    import time
+
+    from deepgm.cli import main
+
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    config = ["ddpm-toy", "train.steps=600", "train.batch_size=16", "train.log_every=20",
+              "train.checkpoint_every=20", "train.sample_every=100000", "sample.steps=3"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+               f"--master_port={free_port()}", "--monitor-interval=1", "-m", "deepgm.cli", "train", *config,
+               "--out", str(run), "--quiet"]
+    agent = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 90
+        while latest_checkpoint(run) is None and agent.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        workers = _children(agent.pid)
+        assert agent.poll() is None and len(workers) == 2, "the run ended or never checkpointed before the kill"
+        os.kill(workers[1], signal.SIGKILL)
+        killed = time.monotonic()
+        _, err = agent.communicate(timeout=60)  # a hang would end here, as a failure
+        stopped = time.monotonic() - killed
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+    assert agent.returncode != 0 and stopped < 30, f"{stopped:.0f} s"
+    assert "Signal 9 (SIGKILL)" in err  # the agent's report names the lost rank's signal
+    step = int(latest_checkpoint(run).name.split("-")[1])
+    assert 0 < step < 600
+    assert main(["train", *config, "--out", str(run), "--resume", "--quiet"]) == 0  # alone
+    assert latest_checkpoint(run).name == "step-00000600"
