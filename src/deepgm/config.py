@@ -51,7 +51,12 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     parts = key.strip().split(".")
     if not all(parts):
         raise ValueError(f"override {text!r} has an empty key part")
-    return parts, yaml.safe_load(raw)
+    try:
+        return parts, yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        problem = str(err).splitlines()[0]
+        raise ValueError(f"override {text!r}: the value is not valid YAML ({problem}); quote it, e.g. "
+                         f"{key}='...'") from None
 
 
 def apply_overrides(config: dict, overrides: list[str]) -> dict:

@@ -58,6 +58,14 @@ def parse_threshold(spec: str | None) -> tuple[str, float | None]:
     return kind, p
 
 
+def _number(name: str, value) -> float:
+    """float(value), or a ValueError naming the field (None, text and the like)."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+
+
 @dataclass(frozen=True)
 class SamplingPlan:
     """How to sample: sampler, steps and grid (diffusion), classifier-free guidance weight (1: the conditional
@@ -76,12 +84,16 @@ class SamplingPlan:
     def __post_init__(self):
         if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 1:
             raise ValueError(f"steps must be a whole number >= 1, got {self.steps!r}")
-        w = float(self.guidance)
+        w = _number("guidance weight", self.guidance)
+        object.__setattr__(self, "guidance", w)  # frozen: set once, as a float
         if not np.isfinite(w) or w < 0:
             raise ValueError(f"guidance weight must be a finite number >= 0 (1: the conditional model, 0: the "
                              f"unconditional one), got {self.guidance!r}")
+        if not isinstance(self.threshold, str):
+            raise ValueError(f"threshold must be one of none, static, dynamic or dynamic:P, got {self.threshold!r}")
         parse_threshold(self.threshold)
-        level = float(self.augmentation)
+        level = _number("augmentation level", self.augmentation)
+        object.__setattr__(self, "augmentation", level)
         if not 0 <= level <= 1:  # also refuses NaN
             raise ValueError(f"the augmentation level is a diffusion time in [0, 1] (0: the low-resolution image as "
                              f"it is), got {self.augmentation!r}")
@@ -91,9 +103,9 @@ class SamplingPlan:
         """A plan from a config's `sample:` or `eval:` section (`clip: false` is the older threshold: none),
         with the given fields replaced where not None."""
         threshold = section.get("threshold") or ("static" if section.get("clip", True) else "none")
-        plan = {"sampler": section.get("sampler", "auto"), "steps": int(section.get("steps", 50)),
-                "grid": section.get("grid"), "guidance": float(section.get("guidance", 1.0)), "threshold": threshold,
-                "augmentation": float(section.get("augmentation", 0.0))}
+        plan = {"sampler": section.get("sampler", "auto"), "steps": section.get("steps", 50),
+                "grid": section.get("grid"), "guidance": section.get("guidance", 1.0), "threshold": threshold,
+                "augmentation": section.get("augmentation", 0.0)}  # checked (and made floats) by __post_init__
         options = dict(section.get("options") or {})
         options.update(overrides.pop("options", None) or {})
         plan.update({k: v for k, v in overrides.items() if v is not None})

@@ -70,11 +70,12 @@ class TrainConfig:
                      "max_skipped_steps"):
             need(_is_int(getattr(self, name)) and getattr(self, name) >= 0, name, "an integer >= 0")
         need(_is_int(self.seed), "seed", "an integer")
-        need(self.lr > 0, "lr", "> 0")
-        need(self.weight_decay >= 0, "weight_decay", ">= 0")
-        need(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", "two numbers in [0, 1)")
-        need(self.grad_clip is None or self.grad_clip >= 0, "grad_clip", "None or >= 0")
-        need(0 <= self.ema_decay < 1, "ema_decay", "in [0, 1)")
+        need(_is_real(self.lr) and 0 < self.lr < math.inf, "lr", "a finite number > 0")
+        need(_is_real(self.weight_decay) and 0 <= self.weight_decay < math.inf, "weight_decay", "a finite number >= 0")
+        need(len(self.betas) == 2 and all(_is_real(b) and 0 <= b < 1 for b in self.betas), "betas",
+             "two numbers in [0, 1)")
+        need(self.grad_clip is None or _is_real(self.grad_clip) and self.grad_clip >= 0, "grad_clip", "None or >= 0")
+        need(_is_real(self.ema_decay) and 0 <= self.ema_decay < 1, "ema_decay", "in [0, 1)")
         need(self.lr_schedule in ("constant", "cosine"), "lr_schedule", "'constant' or 'cosine'")
         need(self.amp in ("none", "bf16", "fp16", "auto"), "amp", "'none', 'bf16', 'fp16' or 'auto'")
         need(isinstance(self.device, str), "device", "a string such as 'auto', 'cpu' or 'cuda'")
@@ -90,6 +91,10 @@ class TrainConfig:
             raise ValueError(f"unknown train option(s) {unknown}; valid options are {valid}")
         defaults = cls()
         return cls(**{k: _coerce(k, v, getattr(defaults, k)) for k, v in d.items()})
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def _is_int(v) -> bool:
@@ -114,7 +119,7 @@ def _coerce(name: str, value, default):
         if isinstance(default, float):
             return float(value)
         return tuple(float(v) for v in value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ValueError(f"train option {name} must be like {default!r}, got {value!r}") from None
 
 
