@@ -181,44 +181,6 @@ class LowResImage(ImageCondition):
         return {"kind": "low_res", "channels": self.channels, "low_size": self.low_size, "size": self.size}
 
 
-class NoiseAugmentation(Condition):
-    """The level s in [0, 1] of noise-conditioning augmentation (Ho et al. 2021, "Cascaded diffusion models";
-    Saharia et al. 2022): the low-resolution image is noised with the model's own forward kernel at time s, and
-    the network is told s. Training draws s ~ U[0, max_level] per example (DiffusionModel.augment); sampling uses
-    the plan's level. max_level = 0 trains without augmentation (the ablation). Never dropped by guidance."""
-
-    key, kind, droppable = "aug", "vector", False
-
-    def __init__(self, max_level: float):
-        if not 0 <= max_level <= 1:
-            raise ValueError(f"the augmentation level is a diffusion time in [0, 1]; max_augmentation={max_level}")
-        self.max_level = float(max_level)
-
-    def from_batch(self, batch: dict) -> torch.Tensor:
-        """The clean level: DiffusionModel.augment draws the training levels and noises the image with them."""
-        return torch.zeros(len(batch["x"]), dtype=torch.float32, device=batch["x"].device)
-
-    def null(self, value: torch.Tensor) -> torch.Tensor:
-        return value
-
-    def for_samples(self, start: int, n: int, device=None) -> torch.Tensor:
-        return torch.zeros(n, device=device)
-
-    def reader(self, dim: int) -> nn.Module:
-        return _ScalarEmbedding(dim, scale=1.0)
-
-    def check(self, value: torch.Tensor, batch: int) -> None:
-        super().check(value, batch)
-        if not value.dtype.is_floating_point or value.dim() != 1:
-            raise ValueError(f"cond['aug'] must be a 1-D float tensor of levels, got {value.dtype} of shape "
-                             f"{tuple(value.shape)}")
-        if not torch.compiler.is_compiling() and not bool(((value >= 0) & (value <= 1)).all()):
-            raise ValueError("augmentation levels cond['aug'] must lie in [0, 1]")
-
-    def spec(self) -> dict:
-        return {"kind": "augmentation", "max_level": self.max_level}
-
-
 class _TextReader(nn.Module):
     """Runs the condition's frozen encoder (held outside this module, so outside the state dict and the EMA) and
     projects its output: the pooled embedding to the time embedding's width, the tokens to `dim` for
@@ -329,36 +291,70 @@ class _ScalarEmbedding(nn.Module):
         return self.mlp(timestep_embedding(value / self.scale, self.features, dtype=weight.dtype))
 
 
-class GuidanceWeight(Condition):
-    """The classifier-free guidance weight w as an input of the network (Meng et al. 2023, "On distillation of
-    guided diffusion models", sec. 3.1): a student distilled from a guided teacher takes w and gives the guided
-    prediction in one evaluation. Never dropped; the default is w = 1 (the conditional model)."""
+class ScalarCondition(Condition):
+    """A number per example that the network reads through a _ScalarEmbedding (zero-initialised, so it has no effect
+    until trained); never dropped by guidance; `default` where a batch or a sample has none. Subclasses set key,
+    default, scale (the range mapped into [0, 1] for the embedding), `what` and `valid`."""
 
-    key, kind, droppable = "w", "vector", False
+    kind, droppable = "vector", False
+    default, scale, what, valid_range = 0.0, 1.0, "values", "valid"
+
+    def valid(self, value: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     def from_batch(self, batch: dict) -> torch.Tensor:
-        """Training data has no w: w = 1 here, and a distillation objective draws the weights it trains on."""
         if self.key in batch:
             return batch[self.key]
-        return torch.ones(len(batch["x"]), dtype=torch.float32, device=batch["x"].device)
+        return torch.full((len(batch["x"]),), self.default, dtype=torch.float32, device=batch["x"].device)
 
     def null(self, value: torch.Tensor) -> torch.Tensor:
         return value
 
     def for_samples(self, start: int, n: int, device=None) -> torch.Tensor:
-        return torch.ones(n, device=device)
+        return torch.full((n,), self.default, device=device)
 
     def reader(self, dim: int) -> nn.Module:
-        return _ScalarEmbedding(dim, scale=10.0)  # weights up to ~10
+        return _ScalarEmbedding(dim, scale=self.scale)
 
     def check(self, value: torch.Tensor, batch: int) -> None:
         super().check(value, batch)
         if not value.dtype.is_floating_point or value.dim() != 1:
-            raise ValueError(f"cond['w'] must be a 1-D float tensor of guidance weights, got {value.dtype} of shape "
-                             f"{tuple(value.shape)}")
-        finite = torch.compiler.is_compiling() or bool((torch.isfinite(value) & (value >= 0)).all())
-        if not finite:
-            raise ValueError("guidance weights cond['w'] must be finite and >= 0")
+            raise ValueError(f"cond[{self.key!r}] must be a 1-D float tensor of {self.what}, got {value.dtype} of "
+                             f"shape {tuple(value.shape)}")
+        if not torch.compiler.is_compiling() and not bool(self.valid(value).all()):
+            raise ValueError(f"{self.what} cond[{self.key!r}] must be {self.valid_range}")
+
+
+class NoiseAugmentation(ScalarCondition):
+    """The level s in [0, 1] of noise-conditioning augmentation (Ho et al. 2021, "Cascaded diffusion models";
+    Saharia et al. 2022): the low-resolution image is noised with the model's own forward kernel at time s, and
+    the network is told s. Training draws s ~ U[0, max_level] per example (DiffusionModel.augment); sampling uses
+    the plan's level. max_level = 0 trains without augmentation (the ablation)."""
+
+    key, default, scale, what, valid_range = "aug", 0.0, 1.0, "augmentation levels", "in [0, 1]"
+
+    def __init__(self, max_level: float):
+        if not 0 <= max_level <= 1:
+            raise ValueError(f"the augmentation level is a diffusion time in [0, 1]; max_augmentation={max_level}")
+        self.max_level = float(max_level)
+
+    def valid(self, value: torch.Tensor) -> torch.Tensor:
+        return (value >= 0) & (value <= 1)
+
+    def spec(self) -> dict:
+        return {"kind": "augmentation", "max_level": self.max_level}
+
+
+class GuidanceWeight(ScalarCondition):
+    """The classifier-free guidance weight w as an input of the network (Meng et al. 2023, "On distillation of
+    guided diffusion models", sec. 3.1): a student distilled from a guided teacher takes w and gives the guided
+    prediction in one evaluation. The default is w = 1 (the conditional model): training data has no w, and a
+    distillation objective draws the weights it trains on."""
+
+    key, default, scale, what, valid_range = "w", 1.0, 10.0, "guidance weights", "finite and >= 0"
+
+    def valid(self, value: torch.Tensor) -> torch.Tensor:
+        return torch.isfinite(value) & (value >= 0)
 
     def spec(self) -> dict:
         return {"kind": "guidance"}
