@@ -237,3 +237,17 @@ def test_sampling_settings_in_a_config_are_checked_before_anything_runs():
         plan = plan_for(config, section)
         assert (plan.guidance, plan.threshold) == (3.0, "dynamic")
     assert plan_for(config, "sample", guidance=0.0).guidance == 0.0  # the command line's --guidance wins
+
+
+def test_resume_restarts_a_run_stopped_before_its_first_checkpoint(digits_run, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "stopped"
+    shutil.copytree(digits_run, run)
+    shutil.rmtree(run / "checkpoints")  # killed after writing config.yaml, before any checkpoint
+    assert main(["train", "demo-digits", *TINY_IMAGES, "--out", str(run), "--quiet"]) == 2  # it holds a run
+    assert main(["train", "demo-digits", *TINY_IMAGES, "--out", str(run), "--resume", "--quiet"]) == 0
+    assert "no checkpoint yet" in capsys.readouterr().out
+    assert (run / "checkpoints" / "latest").exists()
+    assert main(["train", "demo-digits", "--out", str(tmp_path / "nothing"), "--resume", "--quiet"]) == 2
+    assert "holds no run to resume" in capsys.readouterr().err

@@ -128,7 +128,12 @@ def train_run(config: dict, run_dir: Path, resume: bool = False, progress: bool 
     if saved.exists() and not resume:
         raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
     if resume and not latest_checkpoint(run_dir):
-        raise FileNotFoundError(f"--resume: no checkpoint in {run_dir / 'checkpoints'} to resume from")
+        if not saved.exists():
+            raise FileNotFoundError(f"--resume: {run_dir} holds no run to resume; train without --resume")
+        if main:  # stopped before its first checkpoint: nothing to lose, so it starts again
+            print(f"{run_dir} has no checkpoint yet (stopped before its first one); starting it from step 0",
+                  flush=True)
+        resume = False
     distributed.barrier()  # every rank has looked before rank 0 writes
     torch.manual_seed(config["seed"])
     data = load_data(config, "train")
