@@ -26,10 +26,10 @@ from deepgm.files import write_json, write_text
 
 
 def sample(run: str, n: int, steps: int, out: Path, timeout: float | None = None,
-           shard_size: int | None = None) -> tuple[int | None, float, float]:
+           shard_size: int = 1024) -> tuple[int | None, float, float]:
     """(exit status or None if killed at `timeout`, peak RSS in MiB, seconds) of one `deepgm sample` process."""
     cmd = [sys.executable, "-m", "deepgm.cli", "sample", run, "--n", str(n), "--steps", str(steps), "--out",
-           str(out), "--quiet"] + (["--shard-size", str(shard_size)] if shard_size else [])
+           str(out), "--quiet", "--shard-size", str(shard_size)]  # streamed at every n
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     if timeout is not None:
