@@ -24,7 +24,8 @@ from pathlib import Path
 
 from deepgm.files import write_json, write_text
 
-OVERRIDES = ["train.steps=400", "train.checkpoint_every=20", "train.log_every=20", "train.sample_every=200"]
+STEPS = 400
+OVERRIDES = [f"train.steps={STEPS}", "train.checkpoint_every=20", "train.log_every=20", "train.sample_every=200"]
 
 
 def train(config: str, out: Path, resume: bool, timeout: float | None = None) -> tuple[int | None, float]:
@@ -78,7 +79,11 @@ def main(argv=None) -> int:
             kills = in_writes = failures = 0
             while True:
                 started = (run / "config.yaml").is_file()  # --resume also restarts a run killed before a checkpoint
-                timeout = rng.uniform(0.05, 1.0) * full if kills < args.kills else None
+                # a moment within what is left of the run: start-up (about a quarter of the uninterrupted run's
+                # time here) plus a uniform share of the remaining steps
+                done = max((int(c.name[5:]) for c in (run / "checkpoints").glob("step-*[0-9]")), default=0)
+                left = 1 - done / STEPS
+                timeout = (0.25 + rng.random() * 0.75 * left) * full if kills < args.kills else None
                 code, _ = train(args.config, run, resume=started, timeout=timeout)
                 if code is None:
                     kills += 1
