@@ -37,7 +37,10 @@ def sample(run: str, n: int, steps: int, out: Path, timeout: float | None = None
             proc.wait(timeout)
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGKILL)
-    _, status, usage = os.wait4(proc.pid, 0)
+    try:
+        _, status, usage = os.wait4(proc.pid, 0)
+    except ChildProcessError:  # it ended just as the timeout fired, and was reaped by Popen.wait
+        return proc.returncode, float("nan"), time.perf_counter() - start
     seconds = time.perf_counter() - start
     code = os.waitstatus_to_exitcode(status)
     return (None if code == -signal.SIGKILL else code), usage.ru_maxrss / 1024, seconds
