@@ -25,6 +25,9 @@ import torch
 
 CHUNK = 64  # samples per chunk: the unit of reproducible sampling (and the sampling batch)
 THRESHOLDS = ("none", "static", "dynamic")
+# far above any useful plan (T=1000 discrete steps, a few thousand SDE steps); a larger count would only fail deep in
+# torch allocating its time grid (10**12 steps: 8 TB), so it is refused here with the field named
+MAX_STEPS = 100_000
 
 
 @dataclass
@@ -82,8 +85,8 @@ class SamplingPlan:
     return_trajectory: bool = False
 
     def __post_init__(self):
-        if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 1:
-            raise ValueError(f"steps must be a whole number >= 1, got {self.steps!r}")
+        if not isinstance(self.steps, int) or isinstance(self.steps, bool) or not 1 <= self.steps <= MAX_STEPS:
+            raise ValueError(f"steps must be a whole number from 1 to {MAX_STEPS}, got {self.steps!r}")
         w = _number("guidance weight", self.guidance)
         object.__setattr__(self, "guidance", w)  # frozen: set once, as a float
         if not np.isfinite(w) or w < 0:

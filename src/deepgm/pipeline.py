@@ -156,16 +156,18 @@ def train_run(config: dict, run_dir: Path, resume: bool = False, progress: bool 
         if before and before != config["resolved"]["data_sha256"]:
             print(f"warning: the training data of {run_dir} changed since the run started (SHA-256 {before[:12]}... "
                   f"then, {config['resolved']['data_sha256'][:12]}... now); resuming on the new data", flush=True)
-    if main:
-        check_run_dir(run_dir, model, train_config.keep_checkpoints)
-        save_config(config, saved)
 
     def sample_fn(ema_model: nn.Module, step: int) -> None:
         n = min(config["sample"]["n"], 64)
         result = generate_chunked(ema_model, n, config["seed"], preview, model.conditioning.examples(data, n))
         save_samples_picture(result.x.cpu(), run_dir / "samples" / f"step-{step:08d}.png", data.x[:2000])
 
+    # before anything is written: the trainer refuses a batch larger than the data (e.g. a file of 3 images) and
+    # options the device lacks, which would otherwise leave a run directory holding only config.yaml
     trainer = Trainer(model, data, train_config, run_dir, sample_fn=sample_fn, progress=progress)
+    if main:
+        check_run_dir(run_dir, model, train_config.keep_checkpoints)
+        save_config(config, saved)
     if resume:
         trainer.resume()
     metrics = trainer.fit()
@@ -230,7 +232,17 @@ def sample_run(run_dir: str | Path, n: int = 64, seed: int = 0, out: str | Path 
     stem = Path(out) if out else Path(run_dir) / "samples" / f"{plan.describe()}-seed{seed}"
     captions = [test.captions[i % len(test)] for i in range(n)] if test and test.captions else None
     _save_samples(stem, result, plan, captions)
-    return save_samples_picture(result.x.cpu(), stem.with_suffix(".png")), result
+    return save_samples_picture(result.x.cpu(), beside(stem, ".png")), result
+
+
+def beside(stem: Path, suffix: str) -> Path:
+    """The file stem + suffix (a stem already ending in .png or .npz names the pair). Not with_suffix: a plan's
+    name has dots (w2.5, dynamic0.9) that it would cut, with the seed after them, so that other plans and seeds
+    overwrote the same files."""
+    stem = Path(stem)
+    if stem.suffix in (".png", ".npz"):
+        stem = stem.with_suffix("")
+    return stem.with_name(stem.name + suffix)
 
 
 def _needs_examples(run: Run) -> bool:
@@ -246,8 +258,8 @@ def _save_samples(stem: Path, result: SampleOutput, plan: SamplingPlan, captions
     arrays.update({key: v.cpu().numpy() for key, v in result.cond.items()})
     if captions:
         arrays["captions"] = np.array(captions)
-    np.savez(stem.with_suffix(".npz"), **arrays)
-    return stem.with_suffix(".npz")
+    np.savez(beside(stem, ".npz"), **arrays)
+    return beside(stem, ".npz")
 
 
 def generate_run(run_dir: str | Path, captions: list[str], n: int = 8, seed: int = 0, out: str | Path | None = None,
@@ -274,7 +286,7 @@ def generate_run(run_dir: str | Path, captions: list[str], n: int = 8, seed: int
         name = f"generate-{plan.describe()}-seed{seed}"
     stem = Path(out) if out else Path(run_dir) / "samples" / name
     _save_samples(stem, result, plan, row_captions)
-    picture = save_strip([r.clamp(-1, 1).cpu() for r in rows], stem.with_suffix(".png"), labels=labels)
+    picture = save_strip([r.clamp(-1, 1).cpu() for r in rows], beside(stem, ".png"), labels=labels)
     return picture, result
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import io
+import math
 import os
 import pickle
 import zlib
@@ -89,7 +90,7 @@ def read_idx(path: str | Path, ndim: int | None = None) -> np.ndarray:
     if len(data) < header:
         raise DatasetFileError(f"{path} is truncated inside its header; expected {expected}")
     shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(dims))
-    size = int(np.prod(shape, dtype=np.int64))
+    size = math.prod(shape)  # exact: int64 would wrap for damaged sizes (2**31 x 2**31 x 4 -> 0 bytes "needed")
     if len(data) - header != size:
         raise DatasetFileError(f"{path} holds {len(data) - header} data bytes after its header, but its shape "
                                f"{shape} needs {size}: the file is truncated or corrupt")
@@ -123,6 +124,9 @@ def _load_idx_pair(name: str, split: str, root, torchvision_name: str, size, lim
     labels = read_idx(label_path, ndim=1)
     if len(images) != len(labels):
         raise DatasetFileError(f"{image_path} holds {len(images)} images but {label_path} {len(labels)} labels")
+    if 0 in images.shape:  # a damaged header; found here, not as torch's error when the empty images are resized
+        raise DatasetFileError(f"{image_path} holds no pixels: its header gives {len(images)} images of "
+                               f"{images.shape[1]}x{images.shape[2]}")
     if labels.size and labels.max() > 9:
         raise DatasetFileError(f"{label_path} holds label {int(labels.max())}; {name} labels are 0..9")
     return _to_dataset(name, images[:, None], labels, 10, size, limit)
@@ -152,9 +156,14 @@ _ALLOWED_GLOBALS = {
 }
 
 
-class _ArraysOnly(pickle.Unpickler):
+class _ArraysOnly(pickle._Unpickler):
     """Unpickles plain containers and numpy arrays only: every other global (any function or class a pickle
-    could call) is refused, so loading a batch file runs no code from it."""
+    could call) is refused, so loading a batch file runs no code from it.
+
+    Python's own unpickler rather than the C one, for the check of BUILD below: numpy's dtype.__setstate__ trusts
+    its state, and one damaged byte there (e.g. None -> an int in the fields slot) crashes the interpreter."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)
 
     def find_class(self, module: str, name: str):
         try:
@@ -162,6 +171,19 @@ class _ArraysOnly(pickle.Unpickler):
         except KeyError:
             raise pickle.UnpicklingError(f"refusing to load {module}.{name}: a CIFAR batch holds only dicts, "
                                          f"lists, bytes and numpy arrays") from None
+
+    def load_build(self):
+        state, target = self.stack[-1], self.stack[-2]
+        if isinstance(target, np.dtype):  # the state a fresh dtype of its name has, but for the byte order
+            fresh = target.__reduce__()[2]
+            plain = tuple(v.decode("latin1") if isinstance(v, bytes) else v for v in state) \
+                if type(state) is tuple and len(state) == len(fresh) else fresh[:1] + (None,) + fresh[2:]
+            if plain[1] not in ("<", ">", "|", "=") or plain[:1] + plain[2:] != fresh[:1] + fresh[2:]:
+                raise pickle.UnpicklingError(f"a damaged (or unsupported) numpy dtype: state {state!r} is not a "
+                                             f"plain {target}'s")
+        super().load_build()
+
+    dispatch[pickle.BUILD[0]] = load_build
 
 
 def load_pickle_batch(path: str | Path) -> dict:
@@ -171,7 +193,7 @@ def load_pickle_batch(path: str | Path) -> dict:
         obj = _ArraysOnly(io.BytesIO(path.read_bytes()), encoding="bytes").load()
     except pickle.UnpicklingError as err:
         raise DatasetFileError(f"{path} is not a CIFAR python batch: {err}") from None
-    except (EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError, MemoryError) as err:
+    except Exception as err:  # a damaged pickle fails in many ways (EOFError, OverflowError, numpy's errors, ...)
         raise DatasetFileError(f"{path} is not a readable CIFAR python batch (a pickled dict): {err!r}") from None
     if not isinstance(obj, dict):
         raise DatasetFileError(f"{path} is not a CIFAR python batch: it holds a {type(obj).__name__}, not a dict")
@@ -236,7 +258,8 @@ def _read_image(path: Path, channels: int, size: int | None) -> np.ndarray:
             if size is not None and img.size != (size, size):
                 img = ImageOps.fit(img, (size, size), Image.Resampling.BICUBIC)  # centre crop to square, resize
             arr = np.asarray(img, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+    # DecompressionBombError (a header claiming billions of pixels) is no OSError: without it, a traceback
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise DatasetFileError(f"{path} is not a readable image: {err}") from None
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)  # (C, H, W)
 
@@ -247,7 +270,7 @@ def _is_grey(path: Path) -> bool:
     try:
         with Image.open(path) as img:
             return img.mode in ("1", "L", "LA", "I", "I;16", "F")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise DatasetFileError(f"{path} is not a readable image: {err}") from None
 
 

@@ -173,6 +173,7 @@ class UNet(nn.Module):
             raise ValueError(f"attention_resolutions={tuple(attention_resolutions)} must be among the "
                              f"feature-map sizes {resolutions} of this U-Net")
         self.in_channels, self.out_channels = in_channels, out_channels or in_channels
+        self.image_size = image_size
         self.conditioning = conditioning or Conditioning()
         cond_channels = sum(c.channels for c in self.conditioning.conditions.values() if c.kind == "image")
         self.time = TimeEmbedding(channels)
@@ -214,6 +215,12 @@ class UNet(nn.Module):
         self.out = nn.Sequential(_norm(ch), nn.SiLU(), _zero(nn.Conv2d(ch, self.out_channels, 3, padding=1)))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+        # checked here, where the sizes are known: other shapes fail deep in a convolution or a skip concatenation
+        # with torch's RuntimeError, or (other sizes that divide) run with attention at sizes it was not built for
+        expected = (self.in_channels, self.image_size, self.image_size)
+        if x.dim() != 4 or tuple(x.shape[1:]) != expected:
+            raise ValueError(f"this U-Net takes images of shape (B, {', '.join(map(str, expected))}) (channels, "
+                             f"height, width), got x of shape {tuple(x.shape)}")
         b = x.shape[0]
         context = self.context(cond, b)
         if context.image is not None:

@@ -1,0 +1,81 @@
+"""kill -9 during `deepgm eval RUN` (issue 17, "Hardening"): at whatever moment the kill lands, the run's eval.json
+is absent (if it was), the previous file untouched, or the new one complete, never half of one; and evaluating again
+afterwards gives the numbers of an uninterrupted evaluation, to the last digit."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from deepgm.cli import main
+from deepgm.files import write_json
+
+TINY = ["train.steps=2", "train.batch_size=8", "train.log_every=1", "train.checkpoint_every=2",
+        "train.sample_every=0", "model.net.channels=8", "model.schedule.T=20", "sample.steps=2", "eval.n_samples=16",
+        "eval.steps=2", "eval.vlb_examples=4"]
+KILL_AT = (0.3, 0.55, 0.75, 0.85, 0.92, 0.97)  # fractions of an uninterrupted child's time (imports included)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one thread is as fast, and far faster on a busy machine (as deepgm.eval.features does)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("eval-kill") / "run"
+    assert main(["train", "demo-digits", *TINY, "--out", str(run), "--quiet"]) == 0
+    return run
+
+
+def numbers(metrics: dict) -> dict:
+    """What an evaluation reports, less its timings."""
+    return {k: v for k, v in metrics.items() if "seconds" not in k}
+
+
+def test_kill_9_during_eval_leaves_no_half_written_eval_json_and_a_rerun_gives_the_same_numbers(run, capsys):
+    path = run / "eval.json"
+    # the uninterrupted evaluation (in this process: the feature network is trained once, into the session's cache,
+    # which the children below read through DEEPGM_CACHE)
+    assert main(["eval", str(run)]) == 0
+    reference = numbers(json.loads(path.read_text()))
+    assert numbers(json.loads(capsys.readouterr().out)) == reference
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "deepgm.cli", "eval", str(run)]
+    start = time.monotonic()
+    child = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    duration = time.monotonic() - start
+    assert child.returncode == 0, child.stderr[-2000:]
+    assert numbers(json.loads(child.stdout)) == reference  # another process, the same numbers
+
+    old = {**reference, "note": "the evaluation before the kill"}
+    killed = []
+    for i, fraction in enumerate(KILL_AT):
+        had_one = bool(i % 2)  # every other kill finds an eval.json from before, the others none
+        if had_one:
+            write_json(path, old)
+        else:
+            path.unlink(missing_ok=True)
+        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(duration * fraction)
+        process.send_signal(signal.SIGKILL)
+        killed.append(process.wait() == -signal.SIGKILL)  # False: it had finished before the kill
+        if path.exists():
+            metrics = json.loads(path.read_text())  # whole: it parses
+            assert metrics == old or numbers(metrics) == reference, (fraction, metrics)
+        else:
+            assert not had_one, f"eval.json from before is gone after a kill at {fraction:.0%}"
+    assert sum(killed) >= 2, f"the kills came too late to interrupt anything: {killed}"
+
+    assert main(["eval", str(run)]) == 0  # after the kills: the numbers of the uninterrupted evaluation
+    assert numbers(json.loads(path.read_text())) == reference
+    assert numbers(json.loads(capsys.readouterr().out)) == reference
