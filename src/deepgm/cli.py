@@ -67,7 +67,8 @@ def _sample(args) -> None:
         print(f"merged into {job.merged}" if job.merged else "waiting for the other --shard processes; the last "
               "to finish merges")
         return
-    path, result = sample_run(args.run, args.n, args.seed, args.out, args.weights, **_plan_overrides(args))
+    path, result = sample_run(args.run, args.n, args.seed, args.out, args.weights, progress=not args.quiet,
+                              **_plan_overrides(args))
     if result.calibration is not None:
         c = result.calibration
         print(f"calibrated: {c.chosen} (pilot: {c.pilot_nfe} evaluations of {c.pilot} samples)")
@@ -184,9 +185,10 @@ def _demo(args) -> None:
         shutil.rmtree(run_dir)  # the demo always starts fresh
     print(f"[1/3] training a U-Net DDPM on scikit-learn digits ({config['train']['steps']} steps) ...")
     train_run(config, run_dir)
-    print(f"[2/3] sampling 64 digits with DDIM ({config['sample']['steps']} steps) ...")
+    print(f"[2/3] sampling 64 digits with {config['sample']['sampler']} ({config['sample']['steps']} steps) ...")
     grid, _ = sample_run(run_dir, progress=False)
-    print("[3/3] evaluating: FID, precision/recall, test bits/dim ...")
+    print(f"[3/3] evaluating: FID of {config['eval']['n_samples']} samples ({config['eval']['sampler']}, "
+          f"{config['eval']['steps']} steps), precision/recall, test bits/dim ...")
     m = evaluate_run(run_dir, progress=False)
     print(f"\ndone in {time.time() - start:.0f} s. Results in {run_dir}/:")
     print(f"  samples          {grid}")
@@ -209,6 +211,17 @@ def guidance_weight(text: str) -> float:
     if not math.isfinite(value) or value < 0:
         raise argparse.ArgumentTypeError(f"must be a finite number >= 0 (1: the conditional model, 0: the "
                                          f"unconditional one), got {text}")
+    return value
+
+
+def noise_level(text: str) -> float:
+    """argparse type for a sampler's eta: a finite number >= 0 (NaN or inf would fill every sample with NaN)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0 (0: deterministic, 1: ancestral), got {text}")
     return value
 
 
@@ -259,8 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "deepgm.diffusion.grids and deepgm.diffusion.calibration")
     p.add_argument("--n", type=positive_int, default=64, help="number of samples")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eta", type=float, help="the fresh noise of ddim, euler-ancestral, dpmpp-2m-sde and dpmpp-3m-sde "
-                   "(0 deterministic, 1 ancestral)")
+    p.add_argument("--eta", type=noise_level, help="the fresh noise of ddim, euler-ancestral, dpmpp-2m-sde and "
+                   "dpmpp-3m-sde (0 deterministic, 1 ancestral)")
     _guidance_arguments(p)
     p.add_argument("--weights", choices=["ema", "raw"], default="ema", help="which weights to sample with")
     p.add_argument("--out", help="output path stem (default RUN/samples/<sampler>-<steps>steps-seed<seed>); for a "
