@@ -30,7 +30,7 @@ from deepgm.cascade import Cascade, Stage
 from deepgm.eval import get_feature_net
 from deepgm.eval.metrics import fid
 from deepgm.files import write_json, write_text
-from deepgm.pipeline import load_data, load_run, plan_for
+from deepgm.pipeline import caption_metrics, load_data, load_run, plan_for
 from deepgm.viz import save_strip
 
 LEVELS = (0.0, 0.1, 0.2, 0.3, 0.5)
@@ -46,35 +46,17 @@ def up(x: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).clamp(-1, 1)
 
 
-_FEATURES: dict = {}
-
-
-def _real(config: dict, data, key: str):
-    """The attribute classifier of a config's data and its features of `data` (computed once per split)."""
-    net = get_feature_net(config["data"]["name"], {k: v for k, v in config["data"].items() if k != "name"})
-    if key not in _FEATURES:
-        _FEATURES[key] = net.features(data.x)
-    return net, _FEATURES[key]
-
-
 def floor_at_n(config: dict, train, test, n: int) -> float:
     """FID of n training scenes against n test scenes: the floor at the n every row uses."""
     net = get_feature_net(config["data"]["name"], {k: v for k, v in config["data"].items() if k != "name"})
     return fid(net.features(train.x[:n]), net.features(test.x[:n]))
 
 
-def measure(x: torch.Tensor, config: dict, train, data, rows: torch.Tensor, split: str) -> dict:
-    """FID against the split's real scenes and alignment with the captions data.captions[rows] (as
-    deepgm.pipeline.caption_metrics, with the real features computed once)."""
-    from deepgm.eval.alignment import alignment
-
-    net, real = _real(config, data, f"{split}-{x.shape[-1]}")
-    out = {"fid": fid(net.features(x), real)}
-    out.update({k: v for k, v in alignment(data.agreement(net.predict(x), data.attributes[rows])).items()
-                if k in ("alignment", "alignment_ci95")})
-    out["alignment_of_real_images"] = alignment(data.agreement(net.predict(data.x[rows]),
-                                                               data.attributes[rows]))["alignment"]
-    return out
+def measure(x: torch.Tensor, config: dict, train, data, rows: torch.Tensor) -> dict:
+    """FID against the split's real scenes and alignment with the captions data.captions[rows] (the real scenes'
+    features are computed once: the feature net remembers them)."""
+    out = caption_metrics(x, config, train, data, rows)
+    return {k: out[k] for k in ("fid", "alignment", "alignment_ci95", "alignment_of_real_images")}
 
 
 def main(argv=None) -> int:
@@ -116,8 +98,8 @@ def main(argv=None) -> int:
         seconds = {"base": time.perf_counter() - start}
         out: dict = {"floor64": floor_at_n(c64, train64, data64, args.n),
                      "floor32": floor_at_n(c32, train32, data32, args.n),
-                     "bilinear64": measure(up(x16, s2), c64, train64, data64, rows, split),
-                     "bilinear32": measure(up(x16, s1), c32, train32, data32, rows, split), "sweep": []}
+                     "bilinear64": measure(up(x16, s2), c64, train64, data64, rows),
+                     "bilinear32": measure(up(x16, s1), c32, train32, data32, rows), "sweep": []}
         for variant, sr in sr32.items():
             for level in LEVELS if split == "test" else (args.level,):  # held-out captions: the cascade only
                 if split != "test" and variant != "aug":
@@ -127,12 +109,12 @@ def main(argv=None) -> int:
                 x32, nfe32 = s32.run_stage(1, captions, x16, args.seed)
                 t32 = time.perf_counter() - start
                 row = {"variant": variant, "level": level,
-                       "at32": measure(x32, c32, train32, data32, rows, split)}
+                       "at32": measure(x32, c32, train32, data32, rows)}
                 if level in (0.0, args.level):  # through the 64x64 stage too (the costly part: only two levels)
                     start = time.perf_counter()
                     x64, nfe64 = s32.run_stage(2, captions, x32, args.seed)
                     t64 = time.perf_counter() - start
-                    row["at64"] = measure(x64, c64, train64, data64, rows, split)
+                    row["at64"] = measure(x64, c64, train64, data64, rows)
                 out["sweep"].append(row)
                 print(split, variant, level, row, flush=True)
                 if variant == "aug" and level == args.level:

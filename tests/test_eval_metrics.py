@@ -119,6 +119,28 @@ def test_feature_net_accuracy_and_cache(digits_net):
     assert torch.equal(again.features(x), net.features(x))
 
 
+def test_a_loaded_feature_net_is_shared_and_remembers_real_images(digits_net):
+    """Evaluations read the same real images again: the net is loaded once per process, and its outputs for an
+    input it has seen come back without running the classifier, equal to computing them afresh."""
+    _, cache = digits_net
+    net = get_feature_net("digits", {"size": 8}, cache_dir=cache)
+    assert get_feature_net("digits", {"size": 8}, cache_dir=cache) is net
+    x = load_dataset("digits", "test").x[:40]
+    calls = []
+    hook = net.classifier.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        first = net.predict(x)
+        assert calls and torch.equal(net.predict(x.clone()), first)  # same content, another tensor
+        seen = len(calls)
+        assert torch.equal(net.predict(x), first) and len(calls) == seen
+        other = x.flip(-1)
+        assert not torch.equal(net.predict(other), first) and len(calls) > seen  # new content runs the net
+    finally:
+        hook.remove()
+    fresh = net.classifier.features(x)  # not through the memo
+    assert torch.allclose(net.features(x), fresh) and torch.equal(net.features(x), net.features(x))
+
+
 def test_feature_net_cache_dir_from_env(tmp_path, monkeypatch, digits_net):
     net, cache = digits_net
     monkeypatch.setenv("DEEPGM_CACHE", str(cache))

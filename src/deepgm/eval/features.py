@@ -10,7 +10,8 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -22,6 +23,7 @@ from deepgm.eval.metrics import fid, precision_recall
 from deepgm.files import atomic_write, write_json
 
 FEATURE_DIM = 64
+MEMO_ENTRIES = 16  # outputs a FeatureNet remembers (features are N x 64: small beside the images they stand for)
 # changing these (or the architecture) changes the cache key, so stale weights are never reused
 TRAIN_SETTINGS = {"arch": "digitcnn-v1", "epochs": 20, "batch_size": 64, "lr": 2e-3, "weight_decay": 1e-4,
                   "shift": 1, "feature_dim": FEATURE_DIM, "width": 32}
@@ -76,20 +78,31 @@ class FeatureNet:
     train_seconds: float | None = None
     attribute_names: tuple[str, ...] = ()  # one per head when the net predicts attributes
     attribute_accuracy: dict[str, float] | None = None
+    # outputs by input content: every evaluation reads the same real images (a split, its first n) again
+    _memo: OrderedDict = field(default_factory=OrderedDict, repr=False, compare=False)
 
     @torch.no_grad()
-    def _map(self, fn, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    def _map(self, kind: str, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+        x = x.detach().cpu().float().contiguous()
+        key = (kind, tuple(x.shape), hashlib.blake2b(x.numpy().tobytes(), digest_size=16).hexdigest())
+        if key in self._memo:
+            self._memo.move_to_end(key)
+            return self._memo[key]
+        fn = self.classifier.features if kind == "features" else self.classifier
         device = next(self.classifier.parameters()).device
-        outs = [fn(x[i:i + batch_size].to(device, torch.float32)).cpu() for i in range(0, len(x), batch_size)]
-        return torch.cat(outs)
+        out = torch.cat([fn(x[i:i + batch_size].to(device)).cpu() for i in range(0, len(x), batch_size)])
+        self._memo[key] = out
+        if len(self._memo) > MEMO_ENTRIES:
+            self._memo.popitem(last=False)
+        return out
 
     def features(self, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
         """Feature vectors (N, F) of images (N, C, H, W) in [-1, 1]."""
-        return self._map(self.classifier.features, x, batch_size)
+        return self._map("features", x, batch_size)
 
     def predict(self, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
         """Predicted class labels (N,); for an attribute net, attributes (N, A) with -1 where absent."""
-        logits = self._map(self.classifier, x, batch_size)
+        logits = self._map("logits", x, batch_size)
         if len(self.classifier.heads) == 1:
             return logits.argmax(dim=1)
         return _decode(logits, self.classifier.heads)
@@ -177,6 +190,9 @@ def _load_cached(stem: Path, name: str) -> FeatureNet | None:
                       attribute_accuracy=meta.get("attribute_accuracy"))
 
 
+_LOADED: dict[tuple[Path, int | None], FeatureNet] = {}
+
+
 def get_feature_net(dataset: str = "digits", dataset_options: dict | None = None,
                     cache_dir: str | Path | None = None, seed: int = 0) -> FeatureNet:
     """A classifier giving FID features for `dataset`: loaded from the cache, else trained on its train split."""
@@ -190,8 +206,13 @@ def get_feature_net(dataset: str = "digits", dataset_options: dict | None = None
     slug = "-".join([dataset, *(f"{k}{v}" for k, v in sorted(options.items())), f"seed{seed}"])
     root = _cache_dir(cache_dir)
     stem = root / f"featnet-{slug}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    weights = stem.with_suffix(".safetensors")
+    version = (stem, weights.stat().st_mtime_ns if weights.is_file() else None)
+    if version in _LOADED:  # one net per process, so its memory of real images' features lasts across evaluations
+        return _LOADED[version]
     cached = _load_cached(stem, dataset)
     if cached is not None:
+        _LOADED[version] = cached
         return cached
 
     train = load_dataset(dataset, settings.get("train_split", "train"), **options)
