@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -171,6 +172,18 @@ def _distill(args) -> None:
     print(f"sample the {last['student_steps']}-step student with: deepgm sample {last['run']}")
 
 
+def _threads_for_free_cores() -> int:
+    """torch's thread count lowered to the cores no other process is busy on (deepgm.cpu: threads that share a core
+    with another process make small models several times slower), unless OMP_NUM_THREADS sets it."""
+    import torch
+
+    from deepgm.cpu import free_cores
+
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(min(torch.get_num_threads(), free_cores()))
+    return torch.get_num_threads()
+
+
 def _demo(args) -> None:
     from deepgm.config import load_config
     from deepgm.pipeline import evaluate_run, sample_run, train_run
@@ -183,7 +196,9 @@ def _demo(args) -> None:
         import shutil
 
         shutil.rmtree(run_dir)  # the demo always starts fresh
-    print(f"[1/3] training a U-Net DDPM on scikit-learn digits ({config['train']['steps']} steps) ...")
+    threads = _threads_for_free_cores()
+    print(f"[1/3] training a U-Net DDPM on scikit-learn digits ({config['train']['steps']} steps, {threads} "
+          f"thread{'s' * (threads > 1)}) ...")
     train_run(config, run_dir)
     print(f"[2/3] sampling 64 digits with {config['sample']['sampler']} ({config['sample']['steps']} steps) ...")
     grid, _ = sample_run(run_dir, progress=False)
