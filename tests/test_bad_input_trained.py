@@ -31,20 +31,19 @@ SAMPLE_CASES, API_CASES, MODEL_CASES, CAPTION_CASES = 100, 150, 100, 30
 ONE_RUN = settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one thread is as fast, and far faster on a busy machine (as deepgm.eval.features does)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def train_tiny(folder: Path, extra: tuple[str, ...] = ()) -> Path:
+    """A tiny demo-digits run (2 steps, 8 channels, T = 20) in folder/run, with `extra` overrides."""
+    run = folder / "run"
+    assert main(["train", "demo-digits", *TINY, *extra, "--out", str(run), "--quiet"]) == 0
+    return run
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    run = tmp_path_factory.mktemp("trained") / "run"
-    assert main(["train", "demo-digits", *TINY, "--out", str(run), "--quiet"]) == 0
-    return run
+    return train_tiny(tmp_path_factory.mktemp("trained"))
 
 
 def listing(folder: Path) -> dict:

@@ -10,31 +10,21 @@ import sys
 import time
 
 import pytest
-import torch
 
 from deepgm.cli import main
 from deepgm.files import write_json
+from test_bad_input_trained import train_tiny
 
-TINY = ["train.steps=2", "train.batch_size=8", "train.log_every=1", "train.checkpoint_every=2",
-        "train.sample_every=0", "model.net.channels=8", "model.schedule.T=20", "sample.steps=2", "eval.n_samples=16",
-        "eval.steps=2", "eval.vlb_examples=4"]
+TINY_EVAL = ("eval.n_samples=16", "eval.steps=2", "eval.vlb_examples=4")
 KILL_AT = (0.3, 0.55, 0.75, 0.85, 0.92, 0.97)  # fractions of an uninterrupted child's time (imports included)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one thread is as fast, and far faster on a busy machine (as deepgm.eval.features does)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    run = tmp_path_factory.mktemp("eval-kill") / "run"
-    assert main(["train", "demo-digits", *TINY, "--out", str(run), "--quiet"]) == 0
-    return run
+    return train_tiny(tmp_path_factory.mktemp("eval-kill"), TINY_EVAL)
 
 
 def numbers(metrics: dict) -> dict:

@@ -217,27 +217,23 @@ def _demo(args) -> None:
     print(f"  TensorBoard      tensorboard --logdir {run_dir}/tb")
 
 
-def guidance_weight(text: str) -> float:
-    """argparse type for the classifier-free guidance weight: a finite number >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0 (1: the conditional model, 0: the "
-                                         f"unconditional one), got {text}")
-    return value
+def _non_negative(meaning: str):
+    """An argparse type: a finite number >= 0, the error saying what its ends mean (`meaning`)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or value < 0:  # NaN or inf would fill every sample with NaN
+            raise argparse.ArgumentTypeError(f"must be a finite number >= 0 ({meaning}), got {text}")
+        return value
+
+    return parse
 
 
-def noise_level(text: str) -> float:
-    """argparse type for a sampler's eta: a finite number >= 0 (NaN or inf would fill every sample with NaN)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0 (0: deterministic, 1: ancestral), got {text}")
-    return value
+guidance_weight = _non_negative("1: the conditional model, 0: the unconditional one")  # classifier-free guidance w
+noise_level = _non_negative("0: deterministic, 1: ancestral")  # a sampler's eta
 
 
 def _guidance_arguments(p: argparse.ArgumentParser) -> None:
