@@ -13,6 +13,7 @@ Run:  python benchmarks/kill_trials.py [--trials 5] [--kills 4] [--config ddpm-t
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import shutil
 import signal
@@ -28,19 +29,30 @@ STEPS = 400
 OVERRIDES = [f"train.steps={STEPS}", "train.checkpoint_every=20", "train.log_every=20", "train.sample_every=200"]
 
 
+def run_deepgm(args: list[str], timeout: float | None = None) -> tuple[int | None, float, float]:
+    """(exit status, or None if SIGKILLed at `timeout`; peak RSS in MiB, from os.wait4; seconds) of one `deepgm`
+    subprocess."""
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "deepgm.cli", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    if timeout is not None:
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+    try:
+        _, status, usage = os.wait4(proc.pid, 0)
+    except ChildProcessError:  # it ended just as the timeout fired, and was reaped by Popen.wait
+        return proc.returncode, float("nan"), time.perf_counter() - start
+    code = os.waitstatus_to_exitcode(status)
+    return (None if code == -signal.SIGKILL else code), usage.ru_maxrss / 1024, time.perf_counter() - start
+
+
 def train(config: str, out: Path, resume: bool, timeout: float | None = None) -> tuple[int | None, float]:
     """(exit status, or None if killed at `timeout`; seconds) of one `deepgm train` process."""
-    cmd = [sys.executable, "-m", "deepgm.cli", "train", config, *OVERRIDES, "--out", str(out), "--quiet"]
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd + (["--resume"] if resume else []), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        return None, time.perf_counter() - start
-    return proc.returncode, time.perf_counter() - start
+    code, _, seconds = run_deepgm(["train", config, *OVERRIDES, "--out", str(out), "--quiet"]
+                                  + (["--resume"] if resume else []), timeout)
+    return code, seconds
 
 
 def final_weights(run: Path) -> dict:

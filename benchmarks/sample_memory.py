@@ -10,17 +10,13 @@ Run:  python benchmarks/sample_memory.py RUN [--n 1000 10000] [--steps 10] [--ki
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
+from kill_trials import run_deepgm
 
 from deepgm.files import write_json, write_text
 
@@ -28,22 +24,8 @@ from deepgm.files import write_json, write_text
 def sample(run: str, n: int, steps: int, out: Path, timeout: float | None = None,
            shard_size: int = 1024) -> tuple[int | None, float, float]:
     """(exit status or None if killed at `timeout`, peak RSS in MiB, seconds) of one `deepgm sample` process."""
-    cmd = [sys.executable, "-m", "deepgm.cli", "sample", run, "--n", str(n), "--steps", str(steps), "--out",
-           str(out), "--quiet", "--shard-size", str(shard_size)]  # streamed at every n
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    if timeout is not None:
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGKILL)
-    try:
-        _, status, usage = os.wait4(proc.pid, 0)
-    except ChildProcessError:  # it ended just as the timeout fired, and was reaped by Popen.wait
-        return proc.returncode, float("nan"), time.perf_counter() - start
-    seconds = time.perf_counter() - start
-    code = os.waitstatus_to_exitcode(status)
-    return (None if code == -signal.SIGKILL else code), usage.ru_maxrss / 1024, seconds
+    return run_deepgm(["sample", run, "--n", str(n), "--steps", str(steps), "--out", str(out), "--quiet",
+                       "--shard-size", str(shard_size)], timeout)  # streamed at every n
 
 
 def main(argv=None) -> int:
