@@ -151,13 +151,13 @@ def _write(path, stages):
 def test_generate_and_eval_a_cascade_from_its_file(stage_runs, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("DEEPGM_CACHE", str(tmp_path / "cache"))
     cascade = _write(stage_runs / "cascade.yaml", ["base", "sr16"])  # paths relative to the file
-    out = tmp_path / "g"
+    out = tmp_path / "g-w2.5"  # a dot in the stem: the files are g-w2.5.npz and .png, not g-w2.npz
     assert main(["generate", str(cascade), "a small red circle in the top left", "a blue square", "--n", "2",
                  "--guidance", "2", "--out", str(out)]) == 0
     assert "8x8: 6, 16x16: 2" in capsys.readouterr().out  # the base guided (two evaluations per step)
-    arrays = np.load(out.with_suffix(".npz"))
+    arrays = np.load(tmp_path / "g-w2.5.npz")
     assert arrays["x_8"].shape == (4, 3, 8, 8) and arrays["x_16"].shape == (4, 3, 16, 16)
-    assert out.with_suffix(".png").is_file()
+    assert (tmp_path / "g-w2.5.png").is_file()
     assert main(["eval", str(cascade), "--n-samples", "8", "--out", str(tmp_path / "e")]) == 0
     metrics = json.loads((tmp_path / "e" / "cascade_eval.json").read_text())
     for prefix in ("", "test-combos/"):

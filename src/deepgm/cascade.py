@@ -29,6 +29,7 @@ from torch import nn
 
 from deepgm.config import PLAN_KEYS
 from deepgm.family import SamplingPlan, generate_chunked
+from deepgm.files import beside
 
 STAGE_KEYS = {"run", "sample"}
 STAGE_SEED = 7919  # stage k draws its noise from seed + k * STAGE_SEED: the stages' noises are unrelated
@@ -203,8 +204,8 @@ def generate_cascade(path: str | Path, captions: list[str], n: int = 4, seed: in
     stem = Path(out) if out else Path(path).parent / "samples" / f"{Path(path).stem}-seed{seed}"
     stem.parent.mkdir(parents=True, exist_ok=True)
     arrays = {f"x_{x.shape[-1]}": x.numpy() for x in output.images}
-    np.savez(stem.with_suffix(".npz"), captions=np.array(rows), nfe=np.array(output.nfe), **arrays)
-    picture = save_strip(stage_columns(output), stem.with_suffix(".png"), labels=rows)
+    np.savez(beside(stem, ".npz"), captions=np.array(rows), nfe=np.array(output.nfe), **arrays)
+    picture = save_strip(stage_columns(output), beside(stem, ".png"), labels=rows)
     return picture, output
 
 

@@ -41,3 +41,13 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def beside(stem: str | Path, suffix: str) -> Path:
+    """The file stem + suffix (a stem already ending in .png or .npz names the pair). Not with_suffix: sample stems
+    carry plan names with dots (w2.5, dynamic0.9) that it would cut, with the seed after them, so that other plans
+    and seeds overwrote the same files."""
+    stem = Path(stem)
+    if stem.suffix in (".png", ".npz"):
+        stem = stem.with_suffix("")
+    return stem.with_name(stem.name + suffix)

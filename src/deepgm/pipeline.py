@@ -26,7 +26,7 @@ from deepgm.config import check_config, save_config
 from deepgm.data import Dataset, load_dataset
 from deepgm.data.base import DataSpec, dataset_splits
 from deepgm.family import SampleOutput, SamplingPlan, generate_chunked
-from deepgm.files import write_json
+from deepgm.files import beside, write_json
 from deepgm.models import build_model
 from deepgm.train import (
     TrainConfig,
@@ -233,16 +233,6 @@ def sample_run(run_dir: str | Path, n: int = 64, seed: int = 0, out: str | Path 
     captions = [test.captions[i % len(test)] for i in range(n)] if test and test.captions else None
     _save_samples(stem, result, plan, captions)
     return save_samples_picture(result.x.cpu(), beside(stem, ".png")), result
-
-
-def beside(stem: Path, suffix: str) -> Path:
-    """The file stem + suffix (a stem already ending in .png or .npz names the pair). Not with_suffix: a plan's
-    name has dots (w2.5, dynamic0.9) that it would cut, with the seed after them, so that other plans and seeds
-    overwrote the same files."""
-    stem = Path(stem)
-    if stem.suffix in (".png", ".npz"):
-        stem = stem.with_suffix("")
-    return stem.with_name(stem.name + suffix)
 
 
 def _needs_examples(run: Run) -> bool:
