@@ -4,8 +4,8 @@ Where a few-step sampler should spend its steps depends on the data: a 2-D ring 
 low noise, where the fine structure appears; a 64-D mixture needs them at high noise, where each sample settles
 on a mode. No fixed grid serves both (benchmarks/sampler_accuracy.py), so `calibrate`:
 
-1. solves the ODE finely for a small pilot batch (trig-abm, order 3, `fine_steps` steps uniform in
-   theta = arctan(sigma/alpha)), recording the network output in TrigFlow variables, F(theta), along the way;
+1. solves the ODE finely for a pilot batch (trig-abm, order 3, `fine_steps` steps uniform in log-SNR), recording
+   the network output in TrigFlow variables, F(theta) with theta = arctan(sigma/alpha), along the way;
 2. builds grids that equidistribute the local error: step density proportional to rms|F''(theta)|^p for
    p = 0.5 and 0.7 (the second derivative by divided differences, its rms over the pilot batch; a density
    floor of 5% of the mean keeps quiet stretches from getting no step at all);
@@ -16,6 +16,12 @@ on a mode. No fixed grid serves both (benchmarks/sampler_accuracy.py), so `calib
    the one fine solve and keeps the overall closest: which sampler is best depends on the model too (trig-abm
    on the benchmark's exact mixture denoisers, DEIS on trained digits networks).
 
+The fine solve is the target every candidate is judged by, so it must be far closer to the ODE's solution than any
+candidate. Until 2026-12-07 it took 100 steps uniform in theta: exact to 1e-5 on the benchmark's mixtures, but on a
+trained 2-D MLP (the grid MLP of benchmarks/sampler_heldout.py) 0.076 rms from its converged ODE, worse than the
+candidates at 10-20 steps, because a learned denoiser bends sharply at low noise, where that grid is sparse and
+sent a few samples to another mode; the pilot then favoured the candidates that erred like it. Uniform in log-SNR,
+200 steps: 1.8e-3 there, 9e-6 and 4e-6 on the 64-D mixture and the 2-D ring.
 The pilot costs `fine_steps + 7 * steps` (trig-abm: `fine_steps + 20 * steps`; auto: `fine_steps + 41 * steps`)
 batched network evaluations on `pilot` samples, once per model and settings (`deepgm.sample` caches the result
 on the denoiser); above MOST_STEPS steps there is no pilot and the grid is trig. The powers were chosen on the
@@ -54,6 +60,12 @@ DENSITY_POWERS, DENSITY_FLOOR = (0.5, 0.7), 0.05
 CANDIDATES = {"trig-abm": ((), {"order": (1, 2), "sigma_data": (0.5, 1.0)})}  # sigma_data: x the data scale
 OTHER_CANDIDATES = (("log-snr", "karras"), {})
 DATA_SCALED = ("sigma_data",)  # candidate values that are multiples of the pilot's data scale
+# The pilot batch: at least PILOT samples and at least PILOT_NUMBERS numbers (2048 samples in 2-D). In low dimension
+# the costly error is a sample sent to the wrong mode, a few in a thousand at a 2-D mixture's mode boundaries, which
+# 256 samples do not see. On the trained grid MLP of benchmarks/sampler_heldout.py at NFE 6 the pilot's choice was
+# 0.23 rms from the ODE solution with 256 samples, 0.162 with 2048 and 0.158 with 8192 (at four times the cost).
+PILOT, PILOT_NUMBERS = 256, 4096
+FINE_STEPS = 200  # the fine solve's steps, 10 x MOST_STEPS: see the module notes
 MOST_STEPS = 20  # above this every grid is close to converged on the benchmarks, and the pilot would cost most
 # sampler="auto": the calibration's pilot chooses among these, each on its own candidate grids and options. On
 # the exact mixture denoisers of benchmarks/sampler_accuracy.py trig-abm is the most accurate at NFE 6-20; on
@@ -121,20 +133,36 @@ def _equidistributed(schedule, curvature: list[tuple[float, float]], theta_top: 
 
 
 @torch.no_grad()
-def calibrate(denoiser, sampler: str, steps: int, shape: tuple[int, ...], pilot: int = 256,
+def fine_solve(denoiser, z: torch.Tensor, cond: dict | None = None, steps: int = FINE_STEPS):
+    """The pilot's target: the ODE from z by trig-abm, order 3, `steps` steps uniform in log-SNR (see the module
+    notes); returns it and the recorder that kept rms F''(theta) along the way (its later calls pass through)."""
+    recorder = _Recorder(denoiser)
+    times = make_grid("log-snr", denoiser.schedule, steps).to(z.device)
+    solution = SAMPLERS["trig-abm"](recorder, times, z, cond=cond, order=3)
+    recorder.recording = False
+    return solution, recorder
+
+
+def pilot_size(shape: tuple[int, ...]) -> int:
+    """The default pilot batch for samples of this shape (see PILOT_NUMBERS)."""
+    return max(PILOT, math.ceil(PILOT_NUMBERS / max(1, math.prod(shape))))
+
+
+def calibrate(denoiser, sampler: str, steps: int, shape: tuple[int, ...], pilot: int | None = None,
               fine_steps: int | None = None, seed: int = 0, cond: dict | None = None, device=None,
               dtype=torch.float32, **options) -> Calibration:
     """A grid of `steps` steps for `sampler` on this denoiser (see the module notes); shape is one sample's.
     The options of CANDIDATES that the caller does not give are candidates too, and `options` of the result says
     which won. sampler="auto" tries each of AUTO_SAMPLERS on its candidates (after one shared fine solve) and the
-    result's `sampler` says which won; it takes no options."""
+    result's `sampler` says which won; it takes no options. `pilot` defaults to pilot_size(shape)."""
     samplers = AUTO_SAMPLERS if sampler == AUTO else (sampler,)
     if len(samplers) > 1 and options:
         raise ValueError(f"options {sorted(options)} cannot be given to a choice between samplers {list(samplers)}; "
                          "name the sampler to set its options")
+    pilot = pilot_size(shape) if pilot is None else pilot
     if pilot < 2:
         raise ValueError(f"pilot must be at least 2 samples, got {pilot}")
-    fine_steps = max(100, 4 * steps) if fine_steps is None else fine_steps
+    fine_steps = FINE_STEPS if fine_steps is None else fine_steps
     if fine_steps < max(8, 2 * steps):
         raise ValueError(f"fine_steps={fine_steps} is too coarse to calibrate {steps} steps; use >= {2 * steps}")
     schedule = denoiser.schedule
@@ -144,11 +172,8 @@ def calibrate(denoiser, sampler: str, steps: int, shape: tuple[int, ...], pilot:
     z = schedule.prior_std() * torch.randn((pilot, *shape), generator=generator, device=device, dtype=dtype)
     if cond:  # cycle the conditioning (e.g. class labels) over the pilot batch
         cond = {k: v[torch.arange(pilot, device=v.device) % len(v)] for k, v in cond.items()}
-    recorder = _Recorder(denoiser)
-    fine = trig(schedule, fine_steps)
-    solution = SAMPLERS["trig-abm"](recorder, fine.to(z.device), z, cond=cond, order=3)
+    solution, recorder = fine_solve(denoiser, z, cond, fine_steps)
     theta_top, theta_end = torch.atan(scaled_noise(schedule, [1.0, smallest_time(schedule)])).tolist()
-    recorder.recording = False
     data_scale = float(solution.double().pow(2).mean().sqrt())
     if not data_scale > 0:  # NaN or all zeros: no scale to calibrate to
         raise ValueError(f"the pilot's ODE solution has rms {data_scale}; the denoiser's outputs are degenerate")
