@@ -160,7 +160,7 @@ def goal_rows(result: dict) -> list[dict]:
     return out
 
 
-def report(results: list[dict], conditions: dict) -> str:
+def report(results: list[dict]) -> str:
     lines = ["## Held-out suite (benchmarks/sampler_heldout.py)", "",
              f"The default's FD and SW2 against the best peer configuration (means over {sa.REPLICATES} held-out "
              f"draws); goal: ratio <= {GOAL_RATIO}, or the default within the noise floor's interval (mean + 2 sd "
@@ -173,7 +173,8 @@ def report(results: list[dict], conditions: dict) -> str:
                          f"({g['peer_label']}) | {g['ratio']:.3f} | {g['floor']:.4f} ({g['floor_bound']:.4f}) | "
                          f"{g['verdict']} |")
     lines += ["", "Covariance condition numbers (min, max over components): "
-              + "; ".join(f"{k}: {lo:.3g} .. {hi:.3g}" for k, (lo, hi) in conditions.items()), ""]
+              + "; ".join(f"{r['name']}: {r['conditions'][0]:.3g} .. {r['conditions'][1]:.3g}" for r in results
+                          if r.get("conditions")), ""]
     calibrated = []
     for result in results:
         for key, c in sorted(result["calibrations"].items()):
@@ -192,14 +193,17 @@ def main(argv=None) -> int:
     parser.add_argument("--smoke", action="store_true", help="a few configurations on tiny draws: checks the script")
     parser.add_argument("--runs", default="runs", help="where the trained network's run goes")
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--render", nargs="+", metavar="JSON",
+                        help="only write the report of saved results (several runs' JSON files are joined)")
     args = parser.parse_args(argv)
+    if args.render:
+        write([r for path in args.render for r in json.loads(pathlib.Path(path).read_text())], pathlib.Path(args.out))
+        return 0
     torch.set_num_threads(args.threads)
     K = sa.load_k_diffusion_sampling()
     start = time.time()
-    results, conditions = [], {}
+    results = []
     for name, gmm, schedule, betas, x0_fn, n, n_eval, tol in problems(args.quick, pathlib.Path(args.runs), args.only):
-        if x0_fn is None:
-            conditions[name] = condition_numbers(gmm)
         configs = [c for c in sa.deepgm_configs() if c.label in DEEPGM]
         configs += sa.k_configs(K) + (sa.diffusers_configs(betas) if betas else [])
         if args.smoke:
@@ -208,18 +212,22 @@ def main(argv=None) -> int:
         result = sa.benchmark(name, gmm, n, n_eval, 0, sa.GOAL_NFES, schedule, configs, x0_fn=x0_fn, large=False,
                               reference_tol=tol)
         result["heldout_goal"] = goal_rows(result)
+        result["conditions"] = condition_numbers(gmm) if x0_fn is None else None
         results.append(result)
-        print(report([result], conditions), flush=True)
-    out = pathlib.Path(args.out)
+        print(report([result]), flush=True)
+    write(results, pathlib.Path(args.out))
+    print(f"in {time.time() - start:.0f} s")
+    return 0
+
+
+def write(results: list[dict], out: pathlib.Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    text = report(results, conditions)
-    (out / "sampler_heldout.md").write_text(text + "\n\n" + "\n".join(sa.report(r, sa.GOAL_NFES, ["deepgm", "diffusers",
-                                                                                                "k-diffusion"])
-                                                                      for r in results))
+    text = report(results)
+    (out / "sampler_heldout.md").write_text(text + "\n\n" + "\n".join(
+        sa.report(r, sa.GOAL_NFES, ["deepgm", "diffusers", "k-diffusion"]) for r in results))
     (out / "sampler_heldout.json").write_text(json.dumps(results, indent=1))
     print(text)
-    print(f"wrote {out}/sampler_heldout.md and .json in {time.time() - start:.0f} s")
-    return 0
+    print(f"wrote {out}/sampler_heldout.md and .json")
 
 
 if __name__ == "__main__":
