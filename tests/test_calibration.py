@@ -56,6 +56,20 @@ def test_the_fine_solve_is_far_closer_to_the_ode_than_any_candidate_on_sharp_mod
     assert rms(fine) < 0.1 * best, (rms(fine), best)
 
 
+def test_the_pilot_builds_no_autograd_graph_on_a_trainable_network():
+    net = torch.nn.Linear(2, 2).double()  # a trainable x0-predictor: any graph would show in the outputs it records
+    seen = []
+
+    def x0(x, t):
+        out = net(x)
+        seen.append(out.requires_grad)
+        return out
+
+    denoiser = Denoiser.from_fn(x0, DiscreteVP.linear(T=1000), parameterization="x0")
+    calibrate(denoiser, "deis", 4, (2,), pilot=8, fine_steps=8, dtype=torch.float64)
+    assert seen and not any(seen)
+
+
 def test_the_pilot_holds_more_samples_in_low_dimension():
     assert pilot_size((2,)) == 2048 and pilot_size((8,)) == 512 and pilot_size((16,)) == pilot_size((64,)) == PILOT
     assert pilot_size((1, 8, 8)) == pilot_size((3, 32, 32)) == PILOT

@@ -148,6 +148,7 @@ def pilot_size(shape: tuple[int, ...]) -> int:
     return max(PILOT, math.ceil(PILOT_NUMBERS / max(1, math.prod(shape))))
 
 
+@torch.no_grad()
 def calibrate(denoiser, sampler: str, steps: int, shape: tuple[int, ...], pilot: int | None = None,
               fine_steps: int | None = None, seed: int = 0, cond: dict | None = None, device=None,
               dtype=torch.float32, **options) -> Calibration:
