@@ -8,8 +8,15 @@ import torch
 import deepgm
 from deepgm.data import make_mixture
 from deepgm.data.toy import GaussianMixture
-from deepgm.diffusion.calibration import (AUTO_SAMPLERS, FINE_STEPS, PILOT, _equidistributed, calibrate, fine_solve,
-                                         pilot_size)
+from deepgm.diffusion.calibration import (
+    AUTO_SAMPLERS,
+    FINE_STEPS,
+    PILOT,
+    _equidistributed,
+    calibrate,
+    fine_solve,
+    pilot_size,
+)
 from deepgm.diffusion.denoiser import Denoiser
 from deepgm.diffusion.grids import CALIBRATED, make_grid, scaled_noise, smallest_time, trig
 from deepgm.diffusion.schedules import DiscreteVP
