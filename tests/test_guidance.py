@@ -103,7 +103,7 @@ def test_dynamic_thresholding_is_imagens():
 
 
 def test_bad_guidance_and_threshold_are_clear_errors():
-    for bad in (-1, float("nan"), float("inf")):
+    for bad in (-1, float("nan"), float("inf"), 1e30):  # 1e30: finite, but w (x0_c - x0_u) overflows
         with pytest.raises(ValueError, match="guidance weight"):
             SamplingPlan(guidance=bad)
     for bad in ("dynamic:2", "dynamic:x", "static:0.9", "soft"):

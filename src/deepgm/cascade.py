@@ -29,7 +29,7 @@ from torch import nn
 
 from deepgm.config import PLAN_KEYS
 from deepgm.family import SamplingPlan, generate_chunked
-from deepgm.files import beside
+from deepgm.files import beside, write_json, write_npz
 
 STAGE_KEYS = {"run", "sample"}
 STAGE_SEED = 7919  # stage k draws its noise from seed + k * STAGE_SEED: the stages' noises are unrelated
@@ -204,7 +204,7 @@ def generate_cascade(path: str | Path, captions: list[str], n: int = 4, seed: in
     stem = Path(out) if out else Path(path).parent / "samples" / f"{Path(path).stem}-seed{seed}"
     stem.parent.mkdir(parents=True, exist_ok=True)
     arrays = {f"x_{x.shape[-1]}": x.numpy() for x in output.images}
-    np.savez(beside(stem, ".npz"), captions=np.array(rows), nfe=np.array(output.nfe), **arrays)
+    write_npz(beside(stem, ".npz"), {"captions": np.array(rows), "nfe": np.array(output.nfe), **arrays})
     picture = save_strip(stage_columns(output), beside(stem, ".png"), labels=rows)
     return picture, output
 
@@ -215,7 +215,6 @@ def evaluate_cascade(path: str | Path, n_samples: int | None = None, seed: int =
     captions and the held-out combinations, beside the base model's images upsampled bilinearly to that size from
     the same captions and seed; time per image and NFE per stage. Written to OUT/cascade_eval.json (OUT defaults
     to the cascade file's folder / <name>-eval)."""
-    from deepgm.files import write_json
     from deepgm.pipeline import caption_metrics, load_data
 
     path = Path(path)

@@ -69,6 +69,10 @@ def _number(name: str, value) -> float:
         raise ValueError(f"{name} must be a number, got {value!r}") from None
 
 
+# Far above any useful weight, far below where w (x0_cond - x0_uncond) overflows float32 (~1e38 / w).
+MAX_GUIDANCE = 1e6
+
+
 @dataclass(frozen=True)
 class SamplingPlan:
     """How to sample: sampler, steps and grid (diffusion), classifier-free guidance weight (1: the conditional
@@ -89,9 +93,9 @@ class SamplingPlan:
             raise ValueError(f"steps must be a whole number from 1 to {MAX_STEPS}, got {self.steps!r}")
         w = _number("guidance weight", self.guidance)
         object.__setattr__(self, "guidance", w)  # frozen: set once, as a float
-        if not np.isfinite(w) or w < 0:
-            raise ValueError(f"guidance weight must be a finite number >= 0 (1: the conditional model, 0: the "
-                             f"unconditional one), got {self.guidance!r}")
+        if not 0 <= w <= MAX_GUIDANCE:  # also refuses NaN
+            raise ValueError(f"guidance weight must be a number from 0 to {MAX_GUIDANCE:g} (1: the conditional "
+                             f"model, 0: the unconditional one; useful weights lie near 1-30), got {self.guidance!r}")
         if not isinstance(self.threshold, str):
             raise ValueError(f"threshold must be one of none, static, dynamic or dynamic:P, got {self.threshold!r}")
         parse_threshold(self.threshold)

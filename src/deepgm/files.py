@@ -10,6 +10,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+
 
 def atomic_write(path: str | Path, write: Callable[[str], object]) -> Path:
     """Call write(tmp_path) on a temp file beside `path` (its folder made if missing), then move it into place."""
@@ -32,6 +34,14 @@ def write_text(path: str | Path, text: str) -> Path:
 
 def write_json(path: str | Path, obj) -> Path:
     return write_text(path, json.dumps(obj, indent=2))
+
+
+def write_npz(path: str | Path, arrays: dict) -> Path:
+    """Arrays to an .npz file, whole or not at all."""
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would add .npz to the temp file's name
+            np.savez(f, **arrays)
+    return atomic_write(path, write)
 
 
 def file_sha256(path: str | Path) -> str:

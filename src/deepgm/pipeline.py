@@ -26,7 +26,7 @@ from deepgm.config import check_config, save_config
 from deepgm.data import Dataset, load_dataset
 from deepgm.data.base import DataSpec, dataset_splits
 from deepgm.family import SampleOutput, SamplingPlan, generate_chunked
-from deepgm.files import beside, write_json
+from deepgm.files import beside, write_json, write_npz
 from deepgm.models import build_model
 from deepgm.train import (
     TrainConfig,
@@ -248,8 +248,7 @@ def _save_samples(stem: Path, result: SampleOutput, plan: SamplingPlan, captions
     arrays.update({key: v.cpu().numpy() for key, v in result.cond.items()})
     if captions:
         arrays["captions"] = np.array(captions)
-    np.savez(beside(stem, ".npz"), **arrays)
-    return beside(stem, ".npz")
+    return write_npz(beside(stem, ".npz"), arrays)
 
 
 def generate_run(run_dir: str | Path, captions: list[str], n: int = 8, seed: int = 0, out: str | Path | None = None,

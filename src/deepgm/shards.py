@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from deepgm.family import CHUNK, generate_chunked
-from deepgm.files import atomic_write, write_json
+from deepgm.files import atomic_write, write_json, write_npz
 
 SHARD_SIZE = 1024  # samples per shard: 16 chunks of 64
 
@@ -44,11 +44,6 @@ def parse_shard(text: str) -> tuple[int, int]:
     if not 1 <= k <= total:
         raise ValueError(f"--shard {text}: k must lie in 1..K (shard 1/{max(total, 1)} is the first)")
     return k, total
-
-
-def _savez(path: str, arrays: dict) -> None:
-    with open(path, "wb") as f:  # a file object: np.savez would add .npz to the temp file's name
-        np.savez(f, **arrays)
 
 
 def _shard_path(out: Path, j: int) -> Path:
@@ -105,7 +100,7 @@ def sample_shards(run_dir: str | Path, n: int, seed: int = 0, out: str | Path | 
         if test is not None and test.captions:
             arrays["captions"] = np.array([test.captions[i % len(test)] for i in range(start, start + size)])
         _shard_path(out, j).parent.mkdir(exist_ok=True)
-        atomic_write(_shard_path(out, j), lambda p, a=arrays: _savez(p, a))
+        write_npz(_shard_path(out, j), arrays)
         nfe = result.nfe
     merged = merge_shards(out) if all(_shard_path(out, j).is_file() for j in range(count)) else None
     return ShardJob(out, count, todo, len(mine) - len(todo), merged, nfe)
@@ -142,7 +137,7 @@ def merge_shards(out: str | Path) -> Path:
             for key in part.files:
                 if key != "x":
                     small.setdefault(key, []).append(part[key])
-    atomic_write(out / "cond.npz", lambda p: _savez(p, {k: np.concatenate(v) for k, v in small.items()}))
+    write_npz(out / "cond.npz", {k: np.concatenate(v) for k, v in small.items()})
     x = np.load(out / "samples.npy", mmap_mode="r")
     if x.ndim == 4:
         save_image_grid(torch.from_numpy(np.array(x[:64])).clamp(-1, 1), out / "grid.png")

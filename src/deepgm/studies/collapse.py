@@ -20,6 +20,7 @@ from deepgm.files import write_json, write_text
 from deepgm.pipeline import load_data, load_run, train_run
 from deepgm.train import load_weights
 from deepgm.vae.diagnostics import diagnose, elbo_stats, posterior_means
+from deepgm.viz.plots import save_figure
 
 COLLAPSE_BASE = "pixelcnn-vae-digits"
 
@@ -136,8 +137,4 @@ def plot_collapse(results: dict, path: Path) -> Path:
         ax.set_xlabel("training step")
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)

@@ -9,6 +9,7 @@ import torch
 from deepgm.data import Dataset
 from deepgm.vae.diagnostics import posterior_means
 from deepgm.viz import save_image_grid, save_strip
+from deepgm.viz.plots import save_figure
 
 
 def _pca_2d(z: torch.Tensor) -> torch.Tensor:
@@ -39,10 +40,7 @@ def latent_scatter(z: torch.Tensor, labels: torch.Tensor | None, path: Path, tit
     ax.set_xlabel("z1" if z.shape[1] <= 2 else "PC 1 of E_q[z|x]")
     ax.set_ylabel("z2" if z.shape[1] <= 2 else "PC 2 of E_q[z|x]")
     ax.set_title(title or "test posterior means")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110, crop=True)
 
 
 @torch.no_grad()

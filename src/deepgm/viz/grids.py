@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from deepgm.files import atomic_write
+
 PAD_VALUE = 128  # mid-grey separators show against both black and white backgrounds
 MIN_WIDTH = 256
 
@@ -58,10 +60,7 @@ def _default_scale(width_px: int, min_width: int = MIN_WIDTH) -> int:
 
 
 def _save(img: Image.Image, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path, format="PNG")
-    return path
+    return atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
 def save_image_grid(x: torch.Tensor, path: str | Path, nrow: int | None = None, scale: int | None = None) -> Path:

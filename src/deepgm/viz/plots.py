@@ -13,17 +13,20 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from deepgm.files import atomic_write  # noqa: E402
+
 LOG_SPAN = 3.0  # log-y only for positive curves spanning at least this factor: narrower ones read better linear
 
 
-def save_figure(fig, path: str | Path, dpi: int = 100) -> Path:
-    """Lay out, save (making the folder) and close a matplotlib figure."""
+def save_figure(fig, path: str | Path, dpi: int = 100, crop: bool = False) -> Path:
+    """Lay out, save whole (making the folder) and close a matplotlib figure; `crop` trims it to what is drawn."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
-    return path
+    options = {"dpi": dpi, "bbox_inches": "tight" if crop else None, "format": path.suffix[1:] or "png"}
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, **options))
+    finally:
+        plt.close(fig)
 
 
 def _is_number(v) -> bool:

@@ -14,6 +14,7 @@ import torch  # noqa: E402
 
 from deepgm.diffusion.likelihood import ode_log_likelihood  # noqa: E402
 from deepgm.diffusion.sampling import sample  # noqa: E402
+from deepgm.viz.plots import save_figure  # noqa: E402
 
 
 def _square(ax, lim: float) -> None:
@@ -25,12 +26,8 @@ def _square(ax, lim: float) -> None:
     ax.set_yticks([])
 
 
-def save_figure(fig, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+def _save(fig, path: str | Path) -> Path:
+    return save_figure(fig, path, dpi=110, crop=True)
 
 
 def _grid(lim: float, n: int) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
@@ -63,7 +60,7 @@ def plot_score_field(denoiser, path: str | Path, data: torch.Tensor | None = Non
         lam = float(denoiser.schedule.log_snr(torch.tensor(t, dtype=torch.float64)))
         ax.set_title(f"score direction at t={t:g} (log-SNR {lam:.1f})\ncolour: log |score|", fontsize=9)
         _square(ax, lim)
-    return save_figure(fig, path)
+    return _save(fig, path)
 
 
 def plot_trajectories(denoiser, path: str | Path, data: torch.Tensor | None = None, n: int = 16, steps: int = 200,
@@ -92,7 +89,7 @@ def plot_trajectories(denoiser, path: str | Path, data: torch.Tensor | None = No
         ax.set_ylim(-lim, lim)
         ax.set_aspect("equal")
         ax.legend(loc="upper right", fontsize=8)
-    return save_figure(fig, path)
+    return _save(fig, path)
 
 
 def plot_ode_density(denoiser, path: str | Path, data: torch.Tensor, lim: float = 3.0, n: int = 90,
@@ -113,7 +110,7 @@ def plot_ode_density(denoiser, path: str | Path, data: torch.Tensor, lim: float 
             ax.pcolormesh(gx, gy, np.exp(values), shading="gouraud", cmap="magma", vmin=0, vmax=vmax)
         ax.set_title(title, fontsize=10)
         _square(ax, lim)
-    return save_figure(fig, path)
+    return _save(fig, path)
 
 
 def score_pictures(denoiser, out_dir: str | Path, data: torch.Tensor, true_log_prob=None, lim: float = 3.0,
