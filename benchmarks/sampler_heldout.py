@@ -93,7 +93,9 @@ def trained_mlp(run_dir: pathlib.Path, overrides: list[str]):
 # MLP became a development problem on 2026-12-07, when its results led to the pilot's size (PILOT_NUMBERS in
 # deepgm.diffusion.calibration); the two random-mixture networks were added then, before any sampler ran on them, as
 # its held-out replacements: a smooth 2-D density of 12 overlapping anisotropic components, and 8 separated modes in
-# 8-D on the cosine schedule.
+# 8-D on the cosine schedule. Their first run (2026-12-07) found that all three networks' ODE is far from the data
+# because sampling starts at t = 1 (benchmarks/start_time.py): any rule for the start is built on all three, and
+# must be judged on fresh networks added here before it is run.
 NETWORKS = {
     "grid MLP 2-D, linear (development since 2026-12-07)": ("heldout-grid-mlp", ["data.mixture=grid"], "linear"),
     "mixture MLP 2-D, linear": ("heldout-mixture2-mlp", ["data.mixture=mixture", "data.dim=2", "data.n_modes=12",
