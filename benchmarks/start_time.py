@@ -86,15 +86,18 @@ def measure_run(run_dir: str, n: int = 1000) -> str:
 
     run = load_run(run_dir)
     model = run.model
-    denoiser = model.sampling_denoiser(SamplingPlan(threshold="none"))
-    schedule = denoiser.schedule
     cond = model.conditioning.for_samples(0, n) if model.conditioning else {}
     train, test = load_data(run.config, "train"), load_data(run.config, "test")
     features = get_feature_net(run.config["data"]["name"], _data_options(run.config))
+    schedule = model.denoiser.schedule
     native = float(torch.exp(-schedule.log_snr(torch.tensor(1.0, dtype=torch.float64)) / 2))
-    lines = [f"{run_dir}: FID (class accuracy) of {n} samples, log-SNR grid from each start",
-             "", "| start sigma/alpha | t_max | DEIS 10 steps | DDIM 50 steps |", "|---:|---:|---:|---:|"]
-    for level in [native] + [s for s in LEVELS if s < native * 0.99]:
+    lines = [f"{run_dir}: FID (class accuracy) of {n} samples, log-SNR grid from each start; the last row with x0 "
+             "clipped to [-1, 1] (threshold static, the image default)",
+             "", "| start sigma/alpha | t_max | threshold | DEIS 10 steps | DDIM 50 steps |",
+             "|---:|---:|---|---:|---:|"]
+    starts = [(level, "none") for level in [native] + [s for s in LEVELS if s < native * 0.99]] + [(native, "static")]
+    for level, threshold in starts:
+        denoiser = model.sampling_denoiser(SamplingPlan(threshold=threshold))
         t_max = 1.0 if level == native else t_at(schedule, level)
         sigma = float(schedule.alpha_sigma(torch.tensor(t_max, dtype=torch.float64))[1])
         cells = []
@@ -105,7 +108,7 @@ def measure_run(run_dir: str, n: int = 1000) -> str:
                            times=log_snr_grid(schedule, steps, t_max), cond=cond).x
             m = evaluate_samples(x.clamp(-1, 1), features, train.x, test.x, labels=cond.get("y"))
             cells.append(f"{m['fid']:.2f} ({m['class_accuracy']:.3f})" if "class_accuracy" in m else f"{m['fid']:.2f}")
-        lines.append(f"| {level:.3g} | {t_max:.4f} | {cells[0]} | {cells[1]} |")
+        lines.append(f"| {level:.3g} | {t_max:.4f} | {threshold} | {cells[0]} | {cells[1]} |")
         print(lines[-1], flush=True)
     return "\n".join(lines)
 
