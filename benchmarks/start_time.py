@@ -35,6 +35,7 @@ import deepgm  # noqa: E402
 from deepgm.diffusion.grids import smallest_time  # noqa: E402
 
 LEVELS = (160, 80, 40, 20)  # sigma/alpha at the start, below the schedule's own
+PROBLEMS = ("digits GMM 64-D, linear", "digits PCA 24-D, cosine", "digits GMM 64-D, EDM")  # the exact mixtures
 STEPS = (10, 20)
 
 
@@ -145,7 +146,8 @@ def main(argv=None) -> int:
         print(text)
         return 0
     start, rows = time.time(), []
-    for name, gmm, schedule, _, x0_fn, _, _, tol in sh.problems(False, pathlib.Path(args.runs), args.only):
+    only = args.only or [name for name in [*PROBLEMS, *sh.NETWORKS] if not name.startswith(sh.FRESH)]
+    for name, gmm, schedule, _, x0_fn, _, _, tol in sh.problems(False, pathlib.Path(args.runs), only):
         rows += measure(name, gmm, schedule, x0_fn, 1000 if args.quick else 4000, max(tol, 1e-8))
     text = (f"Start of sampling below t = 1 (`python benchmarks/start_time.py{' --quick' if args.quick else ''}`, "
             f"{time.time() - start:.0f} s)\n\n" + table(rows))
