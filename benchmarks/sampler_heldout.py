@@ -205,6 +205,8 @@ def main(argv=None) -> int:
     parser.add_argument("--smoke", action="store_true", help="a few configurations on tiny draws: checks the script")
     parser.add_argument("--runs", default="runs", help="where the trained network's run goes")
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--fresh", action="store_true",
+                        help="also run the FRESH networks: this spends them, so only to judge a fixed start rule")
     parser.add_argument("--render", nargs="+", metavar="JSON",
                         help="only write the report of saved results (several runs' JSON files are joined)")
     args = parser.parse_args(argv)
@@ -215,7 +217,9 @@ def main(argv=None) -> int:
     K = sa.load_k_diffusion_sampling()
     start = time.time()
     results = []
-    for name, gmm, schedule, betas, x0_fn, n, n_eval, tol in problems(args.quick, pathlib.Path(args.runs), args.only):
+    names = ["digits", *(name for name in NETWORKS if args.fresh or not name.startswith(FRESH))]
+    for name, gmm, schedule, betas, x0_fn, n, n_eval, tol in problems(args.quick, pathlib.Path(args.runs),
+                                                                      args.only or names):
         configs = [c for c in sa.deepgm_configs() if c.label in DEEPGM]
         configs += sa.k_configs(K) + (sa.diffusers_configs(betas) if betas else [])
         if args.smoke:
