@@ -107,6 +107,11 @@ def test_sample_with_guidance_and_dynamic_thresholding(digits_run, tmp_path, cap
     assert ">= 0" in capsys.readouterr().err
     assert main([*base, "--threshold", "dynamic:1.5", "--out", str(tmp_path / "bad")]) == 2
     assert "percentile" in capsys.readouterr().err and not list(tmp_path.glob("bad*"))
+    assert main([*base, "--start", "20", "--out", str(tmp_path / "late")]) == 0  # sampling begins at sigma/alpha 20
+    late = np.load(tmp_path / "late.npz")
+    assert int(late["nfe"]) == 4 and float(late["times"][0]) < 1 and not np.allclose(late["x"], plain["x"], atol=1e-3)
+    assert main([*base, "--start", "1e9", "--out", str(tmp_path / "bad")]) == 2  # above the schedule's own
+    assert "sigma/alpha" in capsys.readouterr().err and not list(tmp_path.glob("bad*"))
 
 
 def test_image_samples_stay_in_the_data_range_whatever_the_sampler(digits_run):

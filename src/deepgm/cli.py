@@ -52,7 +52,8 @@ def _plan_overrides(args) -> dict:
     """The sampling-plan fields given on the command line (None: the config's)."""
     options = {"eta": args.eta} if getattr(args, "eta", None) is not None else None
     return {"sampler": args.sampler, "steps": args.steps, "grid": args.grid, "guidance": args.guidance,
-            "threshold": args.threshold, "options": options, "augmentation": args.augmentation}
+            "threshold": args.threshold, "options": options, "augmentation": args.augmentation,
+            "start": getattr(args, "start", None)}
 
 
 def _sample(args) -> None:
@@ -85,7 +86,7 @@ def _is_cascade(path: str) -> bool:
 
 def _refuse_run_options(args) -> None:
     """Plan overrides a cascade does not take (its file holds each stage's plan): one clear error."""
-    given = [f"--{k.replace('_', '-')}" for k in ("sampler", "steps", "grid", "threshold", "eta", "sweep")
+    given = [f"--{k.replace('_', '-')}" for k in ("sampler", "steps", "grid", "threshold", "eta", "sweep", "start")
              if getattr(args, k, None) is not None]
     if given:
         raise ValueError(f"{', '.join(given)} apply to a run; a cascade file sets each stage's plan under "
@@ -108,7 +109,7 @@ def _generate(args) -> None:
         print(f"wrote {path} and {path.with_suffix('.npz')}")
         return
     overrides = {"sampler": args.sampler, "steps": args.steps, "guidance": args.guidance, "threshold": args.threshold,
-                 "augmentation": args.augmentation}
+                 "augmentation": args.augmentation, "start": args.start}
     path, result = generate_run(args.run, args.captions, args.n, args.seed, args.out, args.weights,
                                 sweep=args.sweep_weights if args.sweep else None, **overrides)
     print(f"NFE per sample: {result.nfe}")
@@ -243,6 +244,9 @@ def _guidance_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threshold", metavar="static|dynamic[:P]|none",
                    help="x0 thresholding of images: static clipping to [-1, 1], Imagen's dynamic thresholding at "
                         "percentile P (default 0.995), or none (default: the config's, static)")
+    p.add_argument("--start", type=float, metavar="S",
+                   help="begin sampling where sigma/alpha = S instead of at t = 1 (e.g. 20 for an eps-predicting "
+                        "network on the cosine schedule; docs/samplers.md, 'Where sampling starts')")
     p.add_argument("--augmentation", type=augmentation_level, metavar="S",
                    help="a super-resolution model's noise-conditioning augmentation: its low-resolution input is "
                         "noised to diffusion time S in [0, 1] (default: the config's; for a cascade, every SR stage)")

@@ -88,7 +88,7 @@ def load_config(spec: str | Path, overrides: list[str] | None = None) -> dict:
 
 
 # deepgm.family.SamplingPlan
-PLAN_KEYS = {"sampler", "steps", "grid", "guidance", "threshold", "clip", "options", "augmentation"}
+PLAN_KEYS = {"sampler", "steps", "grid", "guidance", "threshold", "clip", "options", "augmentation", "start"}
 SECTION_KEYS = {"sample": PLAN_KEYS | {"n"}, "eval": PLAN_KEYS | {"n_samples", "vlb", "vlb_examples", "iwae_k"}}
 
 

@@ -85,6 +85,7 @@ class SamplingPlan:
     threshold: str = "static"
     options: tuple = ()  # sampler options as sorted (name, value) pairs, hashable
     augmentation: float = 0.0  # a super-resolution stage's noise-conditioning augmentation level, in [0, 1]
+    start: float | None = None  # sigma/alpha where sampling begins (None: t = 1); see deepgm.sample
     progress: bool = False
     return_trajectory: bool = False
 
@@ -104,6 +105,12 @@ class SamplingPlan:
         if not 0 <= level <= 1:  # also refuses NaN
             raise ValueError(f"the augmentation level is a diffusion time in [0, 1] (0: the low-resolution image as "
                              f"it is), got {self.augmentation!r}")
+        if self.start is not None:
+            start = _number("start", self.start)
+            object.__setattr__(self, "start", start)
+            if not 0 < start < np.inf:  # also refuses NaN
+                raise ValueError(f"start is the noise level sigma/alpha where sampling begins, a number > 0 "
+                                 f"(e.g. 20), got {self.start!r}")
 
     @classmethod
     def from_config(cls, section: dict, **overrides) -> SamplingPlan:
@@ -112,7 +119,7 @@ class SamplingPlan:
         threshold = section.get("threshold") or ("static" if section.get("clip", True) else "none")
         plan = {"sampler": section.get("sampler", "auto"), "steps": section.get("steps", 50),
                 "grid": section.get("grid"), "guidance": section.get("guidance", 1.0), "threshold": threshold,
-                "augmentation": section.get("augmentation", 0.0)}  # checked (and made floats) by __post_init__
+                "augmentation": section.get("augmentation", 0.0), "start": section.get("start")}  # checked below
         options = dict(section.get("options") or {})
         options.update(overrides.pop("options", None) or {})
         plan.update({k: v for k, v in overrides.items() if v is not None})
@@ -130,6 +137,8 @@ class SamplingPlan:
             name += "-" + self.threshold.replace(":", "")
         if self.augmentation:
             name += f"-aug{self.augmentation:g}"
+        if self.start is not None:
+            name += f"-start{self.start:g}"
         return name
 
 

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 import torch
 
 from deepgm.diffusion.denoiser import from_x0_eps
-from deepgm.diffusion.grids import from_scaled_noise, make_grid, scaled_noise, smallest_time, trig
+from deepgm.diffusion.grids import from_scaled_noise, make_grid, scaled_noise, smallest_time, start_std, trig
 from deepgm.diffusion.samplers import SAMPLERS
 
 CANDIDATE_SCALES = (0.5, 1.0, 2.0)  # trig grids that the equidistributed grid must beat on the pilot batch
@@ -116,8 +116,8 @@ class _Recorder(torch.nn.Module):
 
 
 def _equidistributed(schedule, curvature: list[tuple[float, float]], theta_top: float, theta_end: float,
-                     steps: int, power: float) -> torch.Tensor:
-    """`steps` times at equal quantiles of the density rms|F''|^p (plus a floor), from t = 1 to t_min, then 0."""
+                     steps: int, power: float, t_max: float = 1.0) -> torch.Tensor:
+    """`steps` times at equal quantiles of the density rms|F''|^p (plus a floor), from t_max to t_min, then 0."""
     theta = torch.tensor([th for th, _ in curvature], dtype=torch.float64)  # decreasing
     density = torch.tensor([g for _, g in curvature], dtype=torch.float64).pow(power)
     density = density + DENSITY_FLOOR * density.mean() + 1e-12
@@ -129,15 +129,15 @@ def _equidistributed(schedule, curvature: list[tuple[float, float]], theta_top: 
     cell = (torch.searchsorted(mass, quantiles, right=True) - 1).clamp(0, len(edges) - 2)
     frac = (quantiles - mass[cell]) / (mass[cell + 1] - mass[cell])
     grid_theta = edges[cell] + frac * (edges[cell + 1] - edges[cell])
-    return from_scaled_noise(schedule, torch.tan(grid_theta))
+    return from_scaled_noise(schedule, torch.tan(grid_theta), t_max=t_max)
 
 
 @torch.no_grad()
-def fine_solve(denoiser, z: torch.Tensor, cond: dict | None = None, steps: int = FINE_STEPS):
-    """The pilot's target: the ODE from z by trig-abm, order 3, `steps` steps uniform in log-SNR (see the module
-    notes); returns it and the recorder that kept rms F''(theta) along the way (its later calls pass through)."""
+def fine_solve(denoiser, z: torch.Tensor, cond: dict | None = None, steps: int = FINE_STEPS, t_max: float = 1.0):
+    """The pilot's target: the ODE from z (at t_max) by trig-abm, order 3, `steps` steps uniform in log-SNR (see the
+    module notes); returns it and the recorder that kept rms F''(theta) along the way (its later calls pass through)."""
     recorder = _Recorder(denoiser)
-    times = make_grid("log-snr", denoiser.schedule, steps).to(z.device)
+    times = make_grid("log-snr", denoiser.schedule, steps, t_max=t_max).to(z.device)
     solution = SAMPLERS["trig-abm"](recorder, times, z, cond=cond, order=3)
     recorder.recording = False
     return solution, recorder
@@ -151,11 +151,12 @@ def pilot_size(shape: tuple[int, ...]) -> int:
 @torch.no_grad()
 def calibrate(denoiser, sampler: str, steps: int, shape: tuple[int, ...], pilot: int | None = None,
               fine_steps: int | None = None, seed: int = 0, cond: dict | None = None, device=None,
-              dtype=torch.float32, **options) -> Calibration:
+              dtype=torch.float32, t_max: float = 1.0, **options) -> Calibration:
     """A grid of `steps` steps for `sampler` on this denoiser (see the module notes); shape is one sample's.
     The options of CANDIDATES that the caller does not give are candidates too, and `options` of the result says
     which won. sampler="auto" tries each of AUTO_SAMPLERS on its candidates (after one shared fine solve) and the
-    result's `sampler` says which won; it takes no options. `pilot` defaults to pilot_size(shape)."""
+    result's `sampler` says which won; it takes no options. `pilot` defaults to pilot_size(shape). Every grid
+    starts at t_max (grids.start_time), the pilot from noise of that time's sigma."""
     samplers = AUTO_SAMPLERS if sampler == AUTO else (sampler,)
     if len(samplers) > 1 and options:
         raise ValueError(f"options {sorted(options)} cannot be given to a choice between samplers {list(samplers)}; "
@@ -168,26 +169,26 @@ def calibrate(denoiser, sampler: str, steps: int, shape: tuple[int, ...], pilot:
         raise ValueError(f"fine_steps={fine_steps} is too coarse to calibrate {steps} steps; use >= {2 * steps}")
     schedule = denoiser.schedule
     if not 3 <= steps <= MOST_STEPS:  # nothing to place between the ends / every grid is accurate enough
-        return Calibration(trig(schedule, steps), "trig", sampler=samplers[0])
+        return Calibration(trig(schedule, steps, t_max=t_max), "trig", sampler=samplers[0])
     generator = torch.Generator(device=device).manual_seed(seed)
-    z = schedule.prior_std() * torch.randn((pilot, *shape), generator=generator, device=device, dtype=dtype)
+    z = start_std(schedule, t_max) * torch.randn((pilot, *shape), generator=generator, device=device, dtype=dtype)
     if cond:  # cycle the conditioning (e.g. class labels) over the pilot batch
         cond = {k: v[torch.arange(pilot, device=v.device) % len(v)] for k, v in cond.items()}
-    solution, recorder = fine_solve(denoiser, z, cond, fine_steps)
-    theta_top, theta_end = torch.atan(scaled_noise(schedule, [1.0, smallest_time(schedule)])).tolist()
+    solution, recorder = fine_solve(denoiser, z, cond, fine_steps, t_max)
+    theta_top, theta_end = torch.atan(scaled_noise(schedule, [t_max, smallest_time(schedule)])).tolist()
     data_scale = float(solution.double().pow(2).mean().sqrt())
     if not data_scale > 0:  # NaN or all zeros: no scale to calibrate to
         raise ValueError(f"the pilot's ODE solution has rms {data_scale}; the denoiser's outputs are degenerate")
     grids = {f"equidistributed({power:g})": _equidistributed(schedule, recorder.curvature, theta_top, theta_end,
-                                                             steps, power) for power in DENSITY_POWERS}
-    grids.update({f"trig({scale:g})": trig(schedule, steps, scale=scale) for scale in CANDIDATE_SCALES})
+                                                             steps, power, t_max) for power in DENSITY_POWERS}
+    grids.update({f"trig({scale:g})": trig(schedule, steps, scale=scale, t_max=t_max) for scale in CANDIDATE_SCALES})
     errors, choices = {}, {}
     for name in samplers:
         fixed_grids, sampler_options = CANDIDATES.get(name, OTHER_CANDIDATES)
         tried = {key: tuple(v * data_scale for v in values) if key in DATA_SCALED else values
                  for key, values in sampler_options.items() if key not in options}
         variants = [dict(zip(tried, values, strict=True)) for values in itertools.product(*tried.values())]
-        for grid, times in {**grids, **{g: make_grid(g, schedule, steps) for g in fixed_grids}}.items():
+        for grid, times in {**grids, **{g: make_grid(g, schedule, steps, t_max=t_max) for g in fixed_grids}}.items():
             for extra in variants:
                 label = f"{name}/{grid}" + "".join(
                     f", {key.replace('_', ' ')} {v:.3g}" for key, v in extra.items())

@@ -123,7 +123,8 @@ class DiffusionModel(nn.Module):
             cond = {**cond, "w": torch.full((n,), float(plan.guidance), device=device)}
         result = sample(self.sampling_denoiser(plan), None, (n, *self.data_shape), sampler=plan.sampler,
                         steps=plan.steps, grid=plan.grid, generator=generator, cond=cond, progress=plan.progress,
-                        device=device, return_trajectory=plan.return_trajectory, **dict(plan.options))
+                        device=device, return_trajectory=plan.return_trajectory, start=plan.start,
+                        **dict(plan.options))
         result.cond = cond
         return result
 

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from deepgm.diffusion.calibration import AUTO, AUTO_SAMPLERS, calibrate
 from deepgm.diffusion.denoiser import Thresholded
-from deepgm.diffusion.grids import CALIBRATED, make_grid
+from deepgm.diffusion.grids import CALIBRATED, make_grid, start_std, start_time
 from deepgm.diffusion.samplers import ODE_SAMPLERS, SAMPLERS, STANDARD_ARGS
 from deepgm.diffusion.schedules import Schedule
 from deepgm.family import SampleOutput
@@ -49,9 +49,13 @@ class _CountingDenoiser(torch.nn.Module):
 def sample(denoiser, schedule: Schedule | None = None, shape: tuple[int, ...] | None = None,
            sampler: str = DEFAULT_SAMPLER, steps: int = 50, generator: torch.Generator | None = None,
            x_T: torch.Tensor | None = None, times: torch.Tensor | None = None, grid: str | None = None,
-           cond: dict | None = None, progress: bool = False,
+           cond: dict | None = None, progress: bool = False, start: float | None = None,
            return_trajectory: bool = False, device=None, dtype=torch.float32, **options) -> SampleOutput:
     """Draw samples: x_T ~ N(0, prior_std^2 I), then `sampler` over a `grid` of `steps` steps.
+
+    `start` (sigma/alpha) begins every grid at the time of that noise level instead of t = 1, from
+    x ~ N(0, sigma^2 I) there: an eps-predicting network's x0 near t = 1 multiplies its error by sigma/alpha
+    (docs/samplers.md, "Where sampling starts").
 
     `schedule` defaults to (and must be) the denoiser's; `grid` names a grid of deepgm.diffusion.grids
     ('uniform', 'log-snr', 'karras', 'trig', or 'calibrated' for the ODE samplers; default: 'uniform' for the
@@ -76,19 +80,24 @@ def sample(denoiser, schedule: Schedule | None = None, shape: tuple[int, ...] | 
         unknown = sorted(set(options) - set(allowed))
         if unknown:
             raise ValueError(f"unknown option(s) {unknown} for sampler {sampler!r}; it takes {allowed or 'none'}")
+    if start is not None and times is not None:
+        raise ValueError("give either start or times: start sets where the grid begins, times is the whole grid")
+    t_max = 1.0 if start is None else start_time(schedule, start)
     if x_T is None:
         if shape is None:
             raise ValueError("give either shape or x_T")
-        x_T = schedule.prior_std() * torch.randn(shape, generator=generator, device=device, dtype=dtype)
+        x_T = start_std(schedule, t_max) * torch.randn(shape, generator=generator, device=device, dtype=dtype)
     calibration = None
     if times is None:
         grid = grid or DEFAULT_GRIDS.get(sampler, DEFAULT_GRID)
         if grid == CALIBRATED:
-            calibration = _calibrated(denoiser, sampler, steps, x_T, cond, options)
+            calibration = _calibrated(denoiser, sampler, steps, x_T, cond, options, t_max)
             times, options = calibration.times, {**options, **calibration.options}
             sampler = calibration.sampler
+        elif t_max != 1.0 and grid == "student":
+            raise ValueError("a distilled student's grid is the one it was trained on, from t = 1: drop start")
         else:
-            times = make_grid(grid, schedule, steps)
+            times = make_grid(grid, schedule, steps, **({"t_max": t_max} if t_max != 1.0 else {}))
     times = torch.as_tensor(times, dtype=torch.float64)
     if times.dim() != 1 or len(times) < 2 or not bool((times[1:] < times[:-1]).all()) or float(times[-1]) != 0.0:
         raise ValueError("times must be a strictly decreasing 1-D grid that ends exactly at 0")
@@ -109,7 +118,8 @@ def sample(denoiser, schedule: Schedule | None = None, shape: tuple[int, ...] | 
     return SampleOutput(x=x, nfe=counted.nfe, times=times, trajectory=trajectory, calibration=calibration)
 
 
-def _calibrated(denoiser, sampler: str, steps: int, x_T: torch.Tensor, cond: dict | None, options: dict):
+def _calibrated(denoiser, sampler: str, steps: int, x_T: torch.Tensor, cond: dict | None, options: dict,
+                t_max: float = 1.0):
     """The calibrated grid for these settings: from the denoiser's cache, else made now (pilot_nfe > 0) and kept."""
     if sampler != AUTO and sampler not in ODE_SAMPLERS:
         raise ValueError(f"the calibrated grid is for the ODE samplers {list(ODE_SAMPLERS)}, not {sampler!r}; "
@@ -117,9 +127,10 @@ def _calibrated(denoiser, sampler: str, steps: int, x_T: torch.Tensor, cond: dic
     cache = denoiser.__dict__.setdefault("_calibrated_grids", {})
     # parameter versions: in-place optimiser (and EMA) steps bump them, so a model trained on is calibrated afresh
     weights = tuple(p._version for p in denoiser.parameters())
-    key = (sampler, steps, tuple(sorted(options.items())), tuple(x_T.shape[1:]), x_T.dtype, str(x_T.device), weights)
+    key = (sampler, steps, tuple(sorted(options.items())), tuple(x_T.shape[1:]), x_T.dtype, str(x_T.device), weights,
+           t_max)
     if key in cache:
         return dataclasses.replace(cache[key], pilot_nfe=0)
     cache[key] = calibrate(denoiser, sampler, steps, tuple(x_T.shape[1:]), cond=cond, device=x_T.device,
-                           dtype=x_T.dtype, **options)
+                           dtype=x_T.dtype, t_max=t_max, **options)
     return cache[key]
