@@ -62,9 +62,9 @@ import deepgm
 from deepgm.data import make_mixture
 from deepgm.diffusion.calibration import calibrate
 from deepgm.diffusion.denoiser import Denoiser
-from deepgm.diffusion.grids import CALIBRATED, available_grids, make_grid, smallest_time
+from deepgm.diffusion.grids import CALIBRATED, available_grids, make_grid, smallest_time, start_std, start_time
 from deepgm.diffusion.samplers import ODE_SAMPLERS
-from deepgm.diffusion.sampling import AUTO, DEFAULT_GRIDS, DEFAULT_SAMPLER
+from deepgm.diffusion.sampling import AUTO, DEFAULT_GRIDS, DEFAULT_SAMPLER, auto_start
 from deepgm.diffusion.schedules import DiscreteVP
 from deepgm.eval.metrics import fid as frechet
 from deepgm.eval.metrics import frechet_distance, gaussian_fit
@@ -98,11 +98,16 @@ class Oracle:
         return self.x0_fn(x, alpha, sigma).to(x.dtype)
 
     def denoiser(self) -> Denoiser:
-        def posterior_mean(x, t):
-            alpha, sigma = self.schedule.alpha_sigma(t[0])
-            return self.x0(x, float(alpha), float(sigma))
+        """The denoiser as deepgm sees it: x0-parameterised, or eps where x0_fn says it wraps an eps network
+        (x0_fn.parameterization), which decides where sampler="auto" starts."""
+        eps = getattr(self.x0_fn, "parameterization", "x0") == "eps"
 
-        return Denoiser.from_fn(posterior_mean, self.schedule, parameterization="x0")
+        def output(x, t):
+            alpha, sigma = (float(v) for v in self.schedule.alpha_sigma(t[0]))
+            x0 = self.x0(x, alpha, sigma)
+            return (x - alpha * x0) / sigma if eps else x0
+
+        return Denoiser.from_fn(output, self.schedule, parameterization="eps" if eps else "x0")
 
     def k_denoiser(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         """k-diffusion's D(x, s): x = x_t / alpha = x0 + s eps, so alpha = 1/sqrt(1 + s^2), sigma = s alpha."""
@@ -149,10 +154,13 @@ def run_deepgm(oracle: Oracle, z: torch.Tensor, nfe: int, sampler: str, grid: st
                grid_options: dict | None = None, **options):
     if grid == CALIBRATED:  # once per problem, sampler and steps, on pilot noise apart from both draws
         key = (sampler, steps(nfe))
+        start = auto_start(oracle.denoiser()) if sampler == AUTO else None  # as deepgm.sample's default does
+        t_max = 1.0 if start is None else start_time(oracle.schedule, start)
+        z = z * (start_std(oracle.schedule, t_max) / oracle.schedule.prior_std())
         if key not in oracle.calibrations:
             oracle.calibrations[key] = calibrate(oracle.denoiser(), sampler,
                                                  steps(nfe), tuple(z.shape[1:]), seed=PILOT_SEED,
-                                                 dtype=torch.float64, **options)
+                                                 dtype=torch.float64, t_max=t_max, **options)
         calibration = oracle.calibrations[key]
         times, options, sampler = calibration.times, {**options, **calibration.options}, calibration.sampler
     else:

@@ -87,6 +87,7 @@ def trained_mlp(run_dir: pathlib.Path, overrides: list[str]):
         with torch.no_grad():
             return denoiser(x, t.expand(len(x))).x0
 
+    x0_fn.parameterization = denoiser.parameterization  # the oracle passes it on: it decides where "auto" starts
     data = {k: v for k, v in config["data"].items() if k not in ("name", "mixture")}
     return x0_fn, schedule, make_mixture(config["data"]["mixture"], **data)
 

@@ -8,22 +8,25 @@ import torch
 
 import deepgm
 from deepgm.config import load_config
-from deepgm.diffusion.denoiser import Denoiser
+from deepgm.diffusion.denoiser import Denoiser, Thresholded
 from deepgm.diffusion.grids import make_grid, scaled_noise, smallest_time, start_time
+from deepgm.diffusion.sampling import AUTO_START, auto_start
+from deepgm.diffusion.schedule_registry import make_schedule
 from deepgm.diffusion.schedules import DiscreteVP
 from deepgm.family import SamplingPlan
 
 MU, S = torch.tensor([0.7, -0.4, 0.2], dtype=torch.float64), 0.5  # the data: N(MU, S^2 I)
 
 
-def gaussian(schedule):
-    """The exact denoiser (posterior mean) of N(MU, S^2 I)."""
+def gaussian(schedule, parameterization="x0"):
+    """The exact denoiser (posterior mean) of N(MU, S^2 I), answering x0 or eps."""
 
     def fn(x, t):
         alpha, sigma = (v.to(x.dtype).reshape(-1, 1) for v in schedule.alpha_sigma(t))
-        return MU + alpha * S**2 / (alpha**2 * S**2 + sigma**2) * (x - alpha * MU)
+        x0 = MU + alpha * S**2 / (alpha**2 * S**2 + sigma**2) * (x - alpha * MU)
+        return x0 if parameterization == "x0" else (x - alpha * x0) / sigma
 
-    return Denoiser.from_fn(fn, schedule, parameterization="x0")
+    return Denoiser.from_fn(fn, schedule, parameterization=parameterization)
 
 
 def ode_map(schedule, t, x):
@@ -90,3 +93,17 @@ def test_bad_starts_are_clear_errors():
     assert SamplingPlan(sampler="ddim", steps=10, start=20).describe() == "ddim-10steps-start20"
     config = load_config("ddpm-toy", ["sample.start=20"])  # a config's sample: section takes it too
     assert SamplingPlan.from_config(config["sample"]).start == 20.0
+
+
+def test_auto_starts_eps_networks_at_auto_start_and_nothing_else():
+    cosine, edm = DiscreteVP.cosine(T=1000), make_schedule("edm")  # sigma/alpha at t = 1: 2e4 and 80
+    t_20 = start_time(cosine, AUTO_START)
+    first = lambda denoiser, **kw: float(deepgm.sample(denoiser, shape=(8, 3), steps=6, dtype=torch.float64,
+                                                       **kw).times[0])
+    assert first(gaussian(cosine, "eps")) == t_20  # the default, sampler="auto"
+    assert first(Thresholded(gaussian(cosine, "eps"))) == t_20  # through the sampling wrappers
+    assert first(gaussian(cosine, "x0")) == 1.0  # no 1/alpha in its x0
+    assert first(gaussian(cosine, "eps"), sampler="dpmpp-2m") == 1.0  # a named sampler is its paper's, from t = 1
+    assert first(gaussian(cosine, "eps"), start=80.0) == start_time(cosine, 80.0)  # told otherwise
+    assert auto_start(Denoiser.from_fn(lambda x, t: x, edm, parameterization="eps")) == AUTO_START
+    assert auto_start(Denoiser.from_fn(lambda x, t: x, make_schedule("ve"), parameterization="x0")) is None
