@@ -74,7 +74,7 @@ def _sample(args) -> None:
     if result.calibration is not None:
         c = result.calibration
         print(f"calibrated: {c.chosen} (pilot: {c.pilot_nfe} evaluations of {c.pilot} samples)")
-    if float(result.times[0]) < 1:
+    if len(result.times) and float(result.times[0]) < 1:  # a VAE has no time grid
         print(f"started at t = {float(result.times[0]):.4g}, not 1 (docs/samplers.md, 'Where sampling starts')")
     print(f"NFE per sample: {result.nfe}" + (" (guidance: 2 network evaluations per step)" if args.guidance not in
                                              (None, 0, 1) else ""))
