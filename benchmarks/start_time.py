@@ -32,7 +32,7 @@ import sampler_accuracy as sa  # noqa: E402
 import sampler_heldout as sh  # noqa: E402
 
 import deepgm  # noqa: E402
-from deepgm.diffusion.grids import smallest_time  # noqa: E402
+from deepgm.diffusion.grids import make_grid  # noqa: E402
 
 LEVELS = (160, 80, 40, 20)  # sigma/alpha at the start, below the schedule's own
 PROBLEMS = ("digits GMM 64-D, linear", "digits PCA 24-D, cosine", "digits GMM 64-D, EDM")  # the exact mixtures
@@ -46,9 +46,7 @@ def t_at(schedule, s: float) -> float:
 
 def log_snr_grid(schedule, steps: int, t_max: float) -> torch.Tensor:
     """`steps` times uniform in log-SNR from t_max to the schedule's smallest time, then 0."""
-    ends = schedule.log_snr(torch.tensor([t_max, smallest_time(schedule)], dtype=torch.float64))
-    lam = torch.linspace(float(ends[0]), float(ends[1]), steps, dtype=torch.float64)
-    return torch.cat([schedule.t_from_log_snr(lam), torch.zeros(1, dtype=torch.float64)])
+    return make_grid("log-snr", schedule, steps, **({"t_max": t_max} if t_max != 1.0 else {}))
 
 
 def measure(name, gmm, schedule, x0_fn, n: int, tol: float) -> list[dict]:

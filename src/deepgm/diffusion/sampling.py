@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from deepgm.diffusion.calibration import AUTO, AUTO_SAMPLERS, calibrate
 from deepgm.diffusion.denoiser import Thresholded
-from deepgm.diffusion.grids import CALIBRATED, make_grid, start_std, start_time
+from deepgm.diffusion.grids import CALIBRATED, make_grid, scaled_noise, start_std, start_time
 from deepgm.diffusion.samplers import ODE_SAMPLERS, SAMPLERS, STANDARD_ARGS
 from deepgm.diffusion.schedules import Schedule
 from deepgm.family import SampleOutput
@@ -134,8 +134,7 @@ def auto_start(denoiser) -> float | None:
         inner = inner.denoiser
     if getattr(inner, "parameterization", None) != "eps":
         return None
-    top = float(torch.exp(-denoiser.schedule.log_snr(torch.tensor(1.0, dtype=torch.float64)) / 2))
-    return AUTO_START if top > AUTO_START else None
+    return AUTO_START if float(scaled_noise(denoiser.schedule, [1.0])[0]) > AUTO_START else None
 
 
 def _calibrated(denoiser, sampler: str, steps: int, x_T: torch.Tensor, cond: dict | None, options: dict,
