@@ -8,6 +8,7 @@ import torch
 
 from deepgm.data import load_dataset
 from deepgm.eval import (
+    AttributeClassifier,
     DigitClassifier,
     evaluate_samples,
     fid,
@@ -145,6 +146,18 @@ def test_feature_net_cache_dir_from_env(tmp_path, monkeypatch, digits_net):
     net, cache = digits_net
     monkeypatch.setenv("DEEPGM_CACHE", str(cache))
     assert get_feature_net("digits", {"size": 8}).from_cache
+
+
+def test_the_attribute_net_comes_back_from_its_cache_as_the_same_network(tmp_path):
+    """Captioned scenes get the attribute reader (batch norm, so running statistics must survive the cache), and a
+    cached net must load as that class: a failed load would silently train again."""
+    net = get_feature_net("shapes", {"size": 16, "n": 400}, cache_dir=tmp_path)
+    assert isinstance(net.classifier, AttributeClassifier) and not net.from_cache
+    assert net.attribute_accuracy["position0"] > 0.5  # 9 cells: chance is 0.11
+    again = get_feature_net("shapes", {"size": 16, "n": 400}, cache_dir=tmp_path)
+    assert again.from_cache and isinstance(again.classifier, AttributeClassifier)
+    x = load_dataset("shapes", "test", size=16, n=64).x
+    assert torch.equal(again.predict(x), net.predict(x)) and torch.equal(again.features(x), net.features(x))
 
 
 def test_feature_net_needs_labels(tmp_path):

@@ -62,6 +62,9 @@ def sample(denoiser, schedule: Schedule | None = None, shape: tuple[int, ...] | 
     `start` (sigma/alpha) begins every grid at the time of that noise level instead of t = 1, from
     x ~ N(0, sigma^2 I) there: an eps-predicting network's x0 near t = 1 multiplies its error by sigma/alpha
     (docs/samplers.md, "Where sampling starts"). sampler="auto" on an eps network starts at AUTO_START unless told.
+    A given `x_T` is used as it is at the time sampling starts: draw it with std grids.start_std(schedule,
+    grids.start_time(schedule, start)), which differs from prior_std wherever the start is not t = 1 (on a VE
+    schedule by a factor of sigma_max / start).
 
     `schedule` defaults to (and must be) the denoiser's; `grid` names a grid of deepgm.diffusion.grids
     ('uniform', 'log-snr', 'karras', 'trig', or 'calibrated' for the ODE samplers; default: 'uniform' for the

@@ -29,8 +29,10 @@ TRAIN_SETTINGS = {"arch": "digitcnn-v1", "epochs": 20, "batch_size": 64, "lr": 2
                   "shift": 1, "feature_dim": FEATURE_DIM, "width": 32}
 # attributes: no random shifts (positions are attributes), fewer epochs over the larger scene sets
 # trained on the 'evaluator' split (every colour-shape pair, so held-out combinations are read too); SiLU, not
-# ReLU: ReLU left half the feature units dead on these scenes, a singular covariance that made FID explode
-ATTRIBUTE_SETTINGS = {**TRAIN_SETTINGS, "arch": "attrcnn-v3", "epochs": 15, "shift": 0, "activation": "silu",
+# ReLU: ReLU left half the feature units dead on these scenes, a singular covariance that made FID explode.
+# attrcnn-v4 (AttributeClassifier) replaced the digit CNN, which misread 16-24% of shapes at 32x32 (cross vs
+# diamond, even large ones): 0.84 -> 0.997 shape accuracy at 32x32 in 6 epochs instead of 15
+ATTRIBUTE_SETTINGS = {**TRAIN_SETTINGS, "arch": "attrcnn-v4", "epochs": 6, "shift": 0, "activation": "silu",
                       "train_split": "evaluator"}
 ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU}
 
@@ -45,8 +47,12 @@ class DigitClassifier(nn.Module):
                  feature_dim: int = FEATURE_DIM, activation: str = "relu", stem_stride: int = 1):
         super().__init__()
         self.heads = (num_classes,) if isinstance(num_classes, int) else tuple(num_classes)
-        act = ACTIVATIONS[activation]
-        self.body = nn.Sequential(
+        self.body = nn.Sequential(*self.layers(in_channels, width, feature_dim, ACTIVATIONS[activation], stem_stride))
+        self.head = nn.Linear(feature_dim, sum(self.heads))
+
+    @staticmethod
+    def layers(in_channels: int, width: int, feature_dim: int, act: type[nn.Module], stem_stride: int):
+        return [
             nn.Conv2d(in_channels, width, 3, stride=stem_stride, padding=1), act(),
             nn.Conv2d(width, width, 3, padding=1), act(),
             nn.MaxPool2d(2),
@@ -54,8 +60,7 @@ class DigitClassifier(nn.Module):
             nn.AdaptiveAvgPool2d(4),
             nn.Flatten(),
             nn.Linear(2 * width * 16, feature_dim), act(),
-        )
-        self.head = nn.Linear(feature_dim, sum(self.heads))
+        ]
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Penultimate features (N, feature_dim)."""
@@ -65,12 +70,31 @@ class DigitClassifier(nn.Module):
         return self.head(self.body(x))
 
 
+class AttributeClassifier(DigitClassifier):
+    """The attribute reader for captioned scenes: the digit CNN two convolutions deeper, with batch norm. The
+    digit CNN reads colour and position but not the shape of a 5-10 pixel object; depth and normalisation are
+    what it lacked (see ATTRIBUTE_SETTINGS)."""
+
+    @staticmethod
+    def layers(in_channels: int, width: int, feature_dim: int, act: type[nn.Module], stem_stride: int):
+        def conv(cin: int, cout: int, stride: int = 1) -> list[nn.Module]:
+            return [nn.Conv2d(cin, cout, 3, stride=stride, padding=1), nn.BatchNorm2d(cout), act()]
+
+        w = width
+        return [*conv(in_channels, w, stem_stride), *conv(w, w), nn.MaxPool2d(2),
+                *conv(w, 2 * w), *conv(2 * w, 2 * w), nn.MaxPool2d(2), *conv(2 * w, 2 * w),
+                nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(2 * w * 16, feature_dim), act()]
+
+
+CLASSIFIERS = {"digitcnn-v1": DigitClassifier, "attrcnn-v4": AttributeClassifier}
+
+
 @dataclass
 class FeatureNet:
     """A trained classifier (eval mode) plus what is known about it."""
 
     classifier: DigitClassifier
-    test_accuracy: float  # attributes: the fraction of test scenes with every attribute right
+    test_accuracy: float  # attributes: the fraction of test scenes with every attribute the image shows right
     num_classes: int
     name: str
     from_cache: bool = False
@@ -146,8 +170,9 @@ def _train(train_x, train_y, num_classes: int | tuple[int, ...], seed: int, sett
     generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = DigitClassifier(train_x.shape[1], num_classes, settings["width"], settings["feature_dim"],
-                                settings.get("activation", "relu"), stem_stride(train_x.shape[-1]))
+        model = CLASSIFIERS[settings["arch"]](train_x.shape[1], num_classes, settings["width"],
+                                              settings["feature_dim"], settings.get("activation", "relu"),
+                                              stem_stride(train_x.shape[-1]))
     steps_per_epoch = -(-len(train_x) // settings["batch_size"])
     opt = torch.optim.AdamW(model.parameters(), lr=settings["lr"], weight_decay=settings["weight_decay"])
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, settings["lr"], total_steps=settings["epochs"] * steps_per_epoch)
@@ -179,8 +204,8 @@ def _load_cached(stem: Path, name: str) -> FeatureNet | None:
         meta = json.loads(meta_path.read_text())
         s = meta["settings"]
         heads = tuple(meta["heads"]) if "heads" in meta else meta["num_classes"]
-        model = DigitClassifier(meta["in_channels"], heads, s["width"], s["feature_dim"], s.get("activation", "relu"),
-                                meta.get("stem_stride", 1))
+        model = CLASSIFIERS[s["arch"]](meta["in_channels"], heads, s["width"], s["feature_dim"],
+                                       s.get("activation", "relu"), meta.get("stem_stride", 1))
         model.load_state_dict(load_file(weights_path))
     except (OSError, ValueError, KeyError, RuntimeError):
         return None  # corrupt or from an incompatible version: retrain
@@ -244,7 +269,9 @@ def get_feature_net(dataset: str = "digits", dataset_options: dict | None = None
             "n_train": len(train), "n_test": len(test), "train_seconds": round(seconds, 3)}
     if attributes:
         right = net.predict(test.x) == read(test.attributes)  # (N, A)
-        net.test_accuracy = float(right.all(dim=1).double().mean())
+        # an image shows its objects' cells, not which of two true relations (diagonal cells) its caption named
+        shown = [i for i, name in enumerate(names) if name != "relation"]
+        net.test_accuracy = float(right[:, shown].all(dim=1).double().mean())
         net.attribute_accuracy = {name: float(right[:, i].double().mean()) for i, name in enumerate(names)}
         meta.update(attribute_accuracy=net.attribute_accuracy, attribute_names=list(names), heads=list(heads))
     else:
