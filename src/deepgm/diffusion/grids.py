@@ -86,10 +86,12 @@ def uniform(schedule: Schedule, steps: int, t_min: float | None = None, t_max: f
     return _finish(schedule, positive)
 
 
-def student(schedule: Schedule, steps: int) -> torch.Tensor:
+def student(schedule: Schedule, steps: int, t_max: float = 1.0) -> torch.Tensor:
     """Exactly t_i = i/steps for i = steps, ..., 1, then 0, with no rounding to a discrete schedule's timesteps: the
     grid a progressive-distillation student is trained on and samples with (Salimans & Ho 2022, Algorithm 2)."""
     _check(steps)
+    if t_max != 1.0:
+        raise ValueError("a distilled student's grid is the one it was trained on, from t = 1: drop start")
     positive = torch.arange(steps, 0, -1, dtype=torch.float64) / steps
     return torch.cat([positive, positive.new_zeros(1)])
 

@@ -105,10 +105,8 @@ def sample(denoiser, schedule: Schedule | None = None, shape: tuple[int, ...] | 
             calibration = _calibrated(denoiser, sampler, steps, x_T, cond, options, t_max)
             times, options = calibration.times, {**options, **calibration.options}
             sampler = calibration.sampler
-        elif t_max != 1.0 and grid == "student":
-            raise ValueError("a distilled student's grid is the one it was trained on, from t = 1: drop start")
         else:
-            times = make_grid(grid, schedule, steps, **({"t_max": t_max} if t_max != 1.0 else {}))
+            times = make_grid(grid, schedule, steps, t_max=t_max)
     times = torch.as_tensor(times, dtype=torch.float64)
     if times.dim() != 1 or len(times) < 2 or not bool((times[1:] < times[:-1]).all()) or float(times[-1]) != 0.0:
         raise ValueError("times must be a strictly decreasing 1-D grid that ends exactly at 0")
