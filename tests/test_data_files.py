@@ -197,6 +197,16 @@ def test_malicious_pickles_are_refused_before_running_anything(tmp_path, monkeyp
     assert not (tmp_path / "PWNED.txt").exists()
 
 
+def test_a_refused_name_with_a_control_character_stays_on_one_line(tmp_path):
+    """The names come from the file's bytes; found by the property test: a vertical tab in one split the CLI's
+    single error line in two."""
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(b"\x80\x02" + _call("n\x0bumpy.core", "exec", "x") + b".")
+    with pytest.raises(DatasetFileError, match="refusing to load") as info:
+        load_pickle_batch(path)
+    assert len(str(info.value).splitlines()) == 1 and "\\x0b" in str(info.value)
+
+
 def test_a_malicious_global_hidden_inside_an_array_is_refused(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     hidden = _call("builtins", "exec", TOUCH)  # where the array should be

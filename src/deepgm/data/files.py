@@ -169,8 +169,9 @@ class _ArraysOnly(pickle._Unpickler):
         try:
             return _ALLOWED_GLOBALS[(module, name)]
         except KeyError:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name}: a CIFAR batch holds only dicts, "
-                                         f"lists, bytes and numpy arrays") from None
+            # escaped: the names are the file's bytes, and a control character in them would break the error line
+            raise pickle.UnpicklingError(f"refusing to load {repr(module + '.' + name)[1:-1]}: a CIFAR batch holds "
+                                         f"only dicts, lists, bytes and numpy arrays") from None
 
     def load_build(self):
         state, target = self.stack[-1], self.stack[-2]
