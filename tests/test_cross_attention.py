@@ -57,3 +57,36 @@ def test_an_empty_caption_attends_to_the_null_token_only():
     _, v = b.kv(b.null[0]).chunk(2, dim=-1)  # one key: its value, whatever the query
     expected = x + b.proj(v.expand(16, 8)).T.reshape(1, 8, 4, 4)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def _blocks_by_size(net) -> dict[int, list[str]]:
+    """The attention blocks each down/up stage of a U-Net holds, by the feature-map size it runs at."""
+    from deepgm.nets.unet import AttentionBlock
+
+    sizes, size = {}, net.image_size
+    for stage in list(net.down) + list(net.up):
+        names = [type(m).__name__ for m in stage if isinstance(m, (AttentionBlock, CrossAttentionBlock))]
+        sizes.setdefault(size, []).extend(names)
+        if any(type(m).__name__ == "Downsample" for m in stage):
+            size //= 2
+        if any(type(m).__name__ == "Upsample" for m in stage):
+            size *= 2
+    return sizes
+
+
+def test_cross_attention_can_read_the_caption_where_there_is_no_self_attention():
+    import pytest
+
+    from deepgm.conditioning import Conditioning, TextCondition
+    from deepgm.nets.unet import UNet
+
+    text = Conditioning([TextCondition(encoder_dim=6)])  # the dimension given: no encoder is loaded to build it
+    default = UNet(channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(4,), conditioning=text)
+    assert "CrossAttentionBlock" not in _blocks_by_size(default)[8]  # by default, only beside self-attention
+    wide = UNet(channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(4,), conditioning=text,
+                cross_attention_resolutions=(8, 4))
+    by_size = _blocks_by_size(wide)
+    assert by_size[8] == ["CrossAttentionBlock"] * 3  # one down, two up: cross-attention alone at 8x8
+    assert by_size[4].count("AttentionBlock") == by_size[4].count("CrossAttentionBlock") == 3
+    with pytest.raises(ValueError, match="cross_attention_resolutions"):
+        UNet(channels=8, channel_mult=(1, 2), cross_attention_resolutions=(2,), conditioning=text)

@@ -3,6 +3,7 @@ its pooled embedding and cross-attention, caption dropout for guidance, `deepgm 
 alignment. Tiny models and few steps: the pipeline, not the quality, is what is checked here."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -75,6 +76,10 @@ def test_alignment_is_every_kind_agreeing():
     out = alignment(agree)
     assert out["alignment"] == 0.5 and out["alignment_shape"] == 0.75 and out["alignment_colour"] == 0.5
     assert out["alignment_ci95"] == pytest.approx(1.96 * (0.25 / 4) ** 0.5)
+    first_two = torch.tensor([True, True, False, False])  # aligned: yes, no | no, yes
+    by = alignment(agree, {"a": first_two, "b": ~first_two, "none": torch.zeros(4, dtype=torch.bool)})
+    assert by["alignment_a"] == by["alignment_b"] == 0.5 and math.isnan(by["alignment_none"])
+    assert alignment(agree, {"a": torch.tensor([True, False, False, True])})["alignment_a"] == 1.0
     with pytest.raises(ValueError, match="same length"):
         alignment({"shape": torch.ones(3, dtype=torch.bool), "colour": torch.ones(2, dtype=torch.bool)})
 

@@ -305,6 +305,7 @@ def caption_metrics(x: torch.Tensor, config: dict, train: Dataset, test: Dataset
     attribute classifier of the config's data (trained once at that resolution, then cached), beside the data's
     floor, and alignment: the share of images whose every named attribute the classifier reads as named, beside
     the same share for the captions' real images (the ceiling the classifier allows)."""
+    from deepgm.data.shapes import COLUMN
     from deepgm.eval import evaluate_samples, get_feature_net
     from deepgm.eval.alignment import alignment
 
@@ -312,7 +313,9 @@ def caption_metrics(x: torch.Tensor, config: dict, train: Dataset, test: Dataset
     out = evaluate_samples(x, features, train.x, test.x)
     out["attribute_net_test_accuracy"] = out.pop("feature_net_test_accuracy")  # every attribute right
     out.update({f"attribute_net_accuracy_{k}": v for k, v in (features.attribute_accuracy or {}).items()})
-    out.update(alignment(test.agreement(features.predict(x), test.attributes[rows])))
+    two = test.attributes[rows][:, COLUMN["n_objects"]] == 1  # binding two objects is where models fail first
+    groups = {"one_object": ~two, "two_objects": two}
+    out.update(alignment(test.agreement(features.predict(x), test.attributes[rows]), groups))
     real = test.agreement(features.predict(test.x[rows]), test.attributes[rows])
     out["alignment_of_real_images"] = alignment(real)["alignment"]
     return out

@@ -10,12 +10,15 @@ import math
 import torch
 
 
-def alignment(agree: dict[str, torch.Tensor]) -> dict:
-    """agree: per kind of attribute, (N,) bool (kinds a caption does not name count as agreeing)."""
+def alignment(agree: dict[str, torch.Tensor], groups: dict[str, torch.Tensor] | None = None) -> dict:
+    """agree: per kind of attribute, (N,) bool (kinds a caption does not name count as agreeing). groups: named
+    (N,) bool masks of captions (e.g. one object, two objects) whose alignment is also reported on its own."""
     if not agree or len({len(v) for v in agree.values()}) != 1:
         raise ValueError("agreement needs one (N,) bool tensor per kind of attribute, all of the same length")
     aligned = torch.stack(list(agree.values()), dim=1).all(dim=1).double()
     p, n = float(aligned.mean()), len(aligned)
     out = {"alignment": p, "alignment_ci95": 1.96 * math.sqrt(p * (1 - p) / n)}
     out.update({f"alignment_{kind}": float(v.double().mean()) for kind, v in agree.items()})
+    for name, mask in (groups or {}).items():
+        out[f"alignment_{name}"] = float(aligned[mask].mean()) if mask.any() else float("nan")
     return out

@@ -23,7 +23,7 @@ def build_net(spec: dict, data: DataSpec, conditioning: Conditioning | None = No
             if not data.is_image:
                 raise ValueError("net 'unet' is for images; use 'mlp' for vector data")
             channels, size, _ = data.shape
-            for key in ("channel_mult", "attention_resolutions"):
+            for key in ("channel_mult", "attention_resolutions", "cross_attention_resolutions"):
                 if key in spec:
                     spec[key] = tuple(spec[key])
             return UNet(in_channels=channels, image_size=size, conditioning=conditioning, **spec)

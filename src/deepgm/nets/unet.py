@@ -154,13 +154,17 @@ class UNet(nn.Module):
 
     `conditioning` names what the network reads from cond (deepgm.conditioning): vector conditions (class labels,
     a caption's pooled embedding) are added to the time embedding, image conditions are concatenated to x_t, and
-    token conditions (a caption's token embeddings) are read by cross-attention after each self-attention block.
+    token conditions (a caption's token embeddings) are read by cross-attention at `cross_attention_resolutions`
+    (by default the self-attention ones), after the self-attention block where there is one. Cross-attention to a
+    few dozen tokens is cheap at any size, while self-attention is quadratic in the pixels: reading the caption at
+    the full resolution, where objects are drawn, costs little without self-attention there.
     """
 
     def __init__(self, in_channels: int = 1, out_channels: int | None = None, channels: int = 64,
                  channel_mult: tuple[int, ...] = (1, 2), num_res_blocks: int = 2,
                  attention_resolutions: tuple[int, ...] = (), image_size: int = 8, dropout: float = 0.0,
-                 conditioning: Conditioning | None = None, num_heads: int = 4):
+                 conditioning: Conditioning | None = None, num_heads: int = 4,
+                 cross_attention_resolutions: tuple[int, ...] | None = None):
         super().__init__()
         levels = len(channel_mult)
         if levels == 0:
@@ -171,6 +175,11 @@ class UNet(nn.Module):
         resolutions = [image_size // 2**i for i in range(levels)]
         if not set(attention_resolutions) <= set(resolutions):
             raise ValueError(f"attention_resolutions={tuple(attention_resolutions)} must be among the "
+                             f"feature-map sizes {resolutions} of this U-Net")
+        if cross_attention_resolutions is None:
+            cross_attention_resolutions = attention_resolutions
+        if not set(cross_attention_resolutions) <= set(resolutions):
+            raise ValueError(f"cross_attention_resolutions={tuple(cross_attention_resolutions)} must be among the "
                              f"feature-map sizes {resolutions} of this U-Net")
         self.in_channels, self.out_channels = in_channels, out_channels or in_channels
         self.image_size = image_size
@@ -186,11 +195,11 @@ class UNet(nn.Module):
         reads_tokens = any(c.kind == "tokens" for c in self.conditioning.conditions.values())
 
         def attn(ch: int, size: int, always: bool = False) -> list[nn.Module]:
-            """Self-attention at the attention resolutions, each followed by cross-attention to tokens if read."""
-            if not (always or size in attention_resolutions):
-                return []
-            return [AttentionBlock(ch, num_heads)] + ([CrossAttentionBlock(ch, emb_dim, num_heads)]
-                                                      if reads_tokens else [])
+            """Self-attention at its resolutions, then cross-attention to the tokens (if read) at its own."""
+            layers = [AttentionBlock(ch, num_heads)] if always or size in attention_resolutions else []
+            if reads_tokens and (always or size in cross_attention_resolutions):
+                layers.append(CrossAttentionBlock(ch, emb_dim, num_heads))
+            return layers
 
         self.inp = nn.Conv2d(in_channels + cond_channels, channels, 3, padding=1)
         self.down, skips, ch = nn.ModuleList(), [channels], channels
