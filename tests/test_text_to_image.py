@@ -24,8 +24,8 @@ TINY = ["data.size=8", "data.n=256", "model.net.channels=16", "model.net.channel
         "model.net.attention_resolutions=[4]", "model.schedule.T=50", "sample.steps=3", "eval.steps=3"]
 
 
-def tiny_model(encoder: str = "minilm-l6"):
-    config = load_config("t2i-shapes-base", [*TINY, f"model.text.encoder={encoder}"])
+def tiny_model(encoder: str = "minilm-l6", *overrides: str):
+    config = load_config("t2i-shapes-base", [*TINY, f"model.text.encoder={encoder}", *overrides])
     data = load_dataset("shapes", "train", size=8, n=256)
     torch.manual_seed(0)
     model = build_model(config["model"], data.spec)
@@ -69,6 +69,23 @@ def test_dropped_captions_are_empty_and_guidance_is_exact_at_0_and_1():
             torch.testing.assert_close(Guided(model.denoiser, w, model.conditioning)(x, t, text=ids).x0, expected.x0)
         guided = Guided(model.denoiser, 4.0, model.conditioning)(x, t, text=ids)
         torch.testing.assert_close(guided.x0, uncond.x0 + 4 * (cond.x0 - uncond.x0), atol=1e-4, rtol=1e-4)
+
+
+def test_without_the_pooled_embedding_the_caption_arrives_by_cross_attention_only():
+    model, data = tiny_model("bow", "model.text.pooled=false")
+    model.eval()
+    assert not any("pooled" in name for name in model.state_dict())
+    for p in model.parameters():  # no zero-initialised branches: the caption must show in the output
+        torch.nn.init.normal_(p, std=0.05)
+    ids = data.batch(torch.arange(4))["text"]
+    context = model.denoiser.net.context({"text": ids}, 4)
+    assert context.vector is None and context.mask.any()
+    x, t = torch.randn(4, 3, 8, 8), torch.tensor(0.5)
+    with torch.no_grad():
+        cond, uncond = model.denoiser(x, t, text=ids), model.denoiser(x, t, text=model.conditioning["text"].null(ids))
+    assert not torch.allclose(cond.x0, uncond.x0, atol=1e-4)  # read through the tokens alone
+    with pytest.raises(ValueError, match="pooled must be true or false"):
+        tiny_model("bow", "model.text.pooled=sometimes")
 
 
 def test_alignment_is_every_kind_agreeing():

@@ -190,14 +190,16 @@ class _TextReader(nn.Module):
         super().__init__()
         self._condition = condition  # a plain attribute: not a submodule
         width = condition.encoder_dim
-        self.pooled = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, dim))
+        self.pooled = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, dim)) if condition.pooled else None
         self.tokens = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, dim))
 
     def forward(self, ids: torch.Tensor) -> Context:
         text = self._condition.embed(ids)
-        device = self.pooled[1].weight.device
+        device = self.tokens[1].weight.device
         mask = text.mask.to(device)
         tokens = self.tokens(text.tokens.to(device)) * mask[..., None]
+        if self.pooled is None:
+            return Context(tokens=tokens, mask=mask)
         pooled = self.pooled(text.pooled.to(device)) * mask.any(1, keepdim=True)  # null caption: no pooled vector
         return Context(vector=pooled, tokens=tokens, mask=mask)
 
@@ -205,13 +207,15 @@ class _TextReader(nn.Module):
 class TextCondition(Condition):
     """A caption, held in `cond` as token ids (B, L) of a frozen pretrained text encoder (deepgm.text), padded
     with the encoder's pad id. The network reads the encoder's token embeddings (cross-attention) and its pooled
-    embedding (added to the time embedding). The null value, for dropout and guidance, is the caption with no
-    tokens at all. The encoder loads on first use, from the installed package or local path it is named by."""
+    embedding (added to the time embedding; `pooled=False` leaves it out, so the caption reaches the network only
+    through cross-attention). The null value, for dropout and guidance, is the caption with no tokens at all. The
+    encoder loads on first use, from the installed package or local path it is named by."""
 
     key, kind, needs_examples = "text", "tokens", True
 
-    def __init__(self, encoder: str = "minilm-l6", max_length: int = 32, encoder_dim: int | None = None):
-        self.encoder_name, self.max_length = str(encoder), int(max_length)
+    def __init__(self, encoder: str = "minilm-l6", max_length: int = 32, encoder_dim: int | None = None,
+                 pooled: bool = True):
+        self.encoder_name, self.max_length, self.pooled = str(encoder), int(max_length), bool(pooled)
         self._encoder = None
         self._dim = encoder_dim
 
@@ -268,7 +272,7 @@ class TextCondition(Condition):
 
     def spec(self) -> dict:
         return {"kind": "text", "encoder": self.encoder_name, "max_length": self.max_length,
-                "encoder_dim": self.encoder_dim}
+                "encoder_dim": self.encoder_dim, "pooled": self.pooled}
 
 
 class _ScalarEmbedding(nn.Module):
@@ -363,7 +367,7 @@ class GuidanceWeight(ScalarCondition):
 CONDITIONS = {"class": lambda s: ClassLabel(s["num_classes"]),
               "image": lambda s: ImageCondition(s["channels"], s.get("key", "cond_image")),
               "text": lambda s: TextCondition(s.get("encoder", "minilm-l6"), s.get("max_length", 32),
-                                              s.get("encoder_dim")),
+                                              s.get("encoder_dim"), s.get("pooled", True)),
               "low_res": lambda s: LowResImage(s["channels"], s["low_size"], s["size"]),
               "augmentation": lambda s: NoiseAugmentation(s["max_level"]),
               "guidance": lambda s: GuidanceWeight()}

@@ -40,9 +40,13 @@ def model_conditioning(spec: dict, data: DataSpec) -> Conditioning:
         conditions += super_resolution_conditions(spec["super_resolution"], data)
     text = spec.get("text")
     if text:
-        text = check_options(text if isinstance(text, dict) else {"encoder": text}, {"encoder", "max_length"},
-                             "model.text")
-        conditions.append(TextCondition(text.get("encoder", "minilm-l6"), int(text.get("max_length", 32))))
+        text = check_options(text if isinstance(text, dict) else {"encoder": text},
+                             {"encoder", "max_length", "pooled"}, "model.text")
+        pooled = text.get("pooled", True)
+        if not isinstance(pooled, bool):
+            raise ValueError(f"model.text.pooled must be true or false, got {pooled!r}")
+        conditions.append(TextCondition(text.get("encoder", "minilm-l6"), int(text.get("max_length", 32)),
+                                        pooled=pooled))
     if spec.get("guidance_input", False):  # a guidance-distilled student reads w (deepgm.conditioning.GuidanceWeight)
         if not conditions:
             raise ValueError("model.guidance_input needs a conditional model (class_conditional or text): guidance "
