@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from deepgm.data.shapes import COLOURS, COLUMN, OBJECT_SIZES, SHAPES, canonical, load_shapes
+from deepgm.data.shapes import COLOURS, COLUMN, OBJECT_SIZES, SHAPES, canonical, sample_example
 from deepgm.files import write_json, write_text
 from deepgm.text import load_text_encoder
 
@@ -52,10 +52,10 @@ class BindingProbe(nn.Module):
 
 def two_object_captions(split: str, n: int, seed: int = 0) -> tuple[list[str], dict[str, torch.Tensor]]:
     """Captions of two-object scenes and the canonical (reading-order) attributes of both objects."""
-    data = load_shapes(split, size=8, n=n, seed=seed, two_objects=1.0)
-    rows = canonical(data.attributes)
+    examples = [sample_example(seed, split, i, two_objects=1.0) for i in range(n)]  # captions only: no pixels
+    rows = canonical(torch.tensor([row for row, _ in examples]))
     targets = {kind: rows[:, [COLUMN[f"{kind}0"], COLUMN[f"{kind}1"]]] for kind in KINDS}
-    return data.captions, targets
+    return [text for _, text in examples], targets
 
 
 def bound(logits: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -65,9 +65,8 @@ def bound(logits: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> 
 
 def probe(encoder_name: str, train: tuple, tests: dict[str, tuple], steps: int, seed: int = 0) -> dict:
     encoder = load_text_encoder(encoder_name)
-    embed = lambda captions: encoder.encode(captions)  # noqa: E731  (cached per caption by the encoder)
     start = time.time()
-    train_text = embed(train[0])
+    train_text = encoder.encode(train[0])
     torch.manual_seed(seed)
     model = BindingProbe(train_text.tokens.shape[-1])
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
@@ -82,7 +81,7 @@ def probe(encoder_name: str, train: tuple, tests: dict[str, tuple], steps: int, 
     row = {"encoder": encoder_name, "parameters": sum(p.numel() for p in encoder.parameters()), "steps": steps}
     with torch.no_grad():
         for split, (captions, targets) in tests.items():
-            text = embed(captions)
+            text = encoder.encode(captions)
             ok = bound(model(text.tokens, text.mask), targets).double()
             p = float(ok.mean())
             row[split] = p
