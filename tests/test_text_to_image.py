@@ -88,6 +88,31 @@ def test_without_the_pooled_embedding_the_caption_arrives_by_cross_attention_onl
         tiny_model("bow", "model.text.pooled=sometimes")
 
 
+def test_trainable_layers_over_the_tokens_mix_them_and_ignore_padding():
+    model, data = tiny_model("bow", "model.text.layers=2")
+    assert any(".refiner.layers.1." in name for name in model.state_dict())  # trained and saved with the U-Net
+    refiner = model.denoiser.net.context.readers["text"].refiner.eval()
+    for p in refiner.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    torch.manual_seed(1)
+    tokens, mask = torch.randn(2, 6, refiner.register.shape[-1]), torch.tensor([[1, 1, 1, 1, 0, 0]] * 2).bool()
+    with torch.no_grad():
+        out = refiner(tokens, mask)
+        other = tokens.clone()
+        other[:, 4:] = 100 * torch.randn(2, 2, tokens.shape[-1])  # padded positions: anything
+        torch.testing.assert_close(refiner(other, mask)[:, :4], out[:, :4])
+        other[:, 3] += torch.randn(tokens.shape[-1])  # a real token: every position reads it
+        assert (refiner(other, mask)[:, :3] - out[:, :3]).abs().amax(-1).min() > 1e-3
+        null = refiner(tokens, torch.zeros_like(mask))  # guidance's null caption
+    assert torch.isfinite(null).all()
+    ids = data.batch(torch.arange(4))["text"]
+    with torch.no_grad():
+        x0 = model.denoiser(torch.randn(4, 3, 8, 8), torch.tensor(0.5), text=model.conditioning["text"].null(ids)).x0
+    assert torch.isfinite(x0).all()
+    with pytest.raises(ValueError, match="model.text.layers must be a whole number"):
+        tiny_model("bow", "model.text.layers=-1")
+
+
 def test_alignment_is_every_kind_agreeing():
     agree = {"shape": torch.tensor([True, True, False, True]), "colour": torch.tensor([True, False, False, True])}
     out = alignment(agree)

@@ -181,10 +181,35 @@ class LowResImage(ImageCondition):
         return {"kind": "low_res", "channels": self.channels, "low_size": self.low_size, "size": self.size}
 
 
+class _TokenRefiner(nn.Module):
+    """Trainable pre-norm transformer layers over a caption's projected tokens (B, L, D) with mask (B, L). The
+    frozen encoder's tokens carry which colour and shape belong to which object and which object the relation puts
+    where, but a single linear projection rarely exposes it to the U-Net's queries; a few layers trained with the
+    U-Net can (a text transformer trained with the image model, as in GLIDE). A learned token is always attended
+    to, so a caption with no tokens (guidance's null condition) stays well defined."""
+
+    def __init__(self, dim: int, layers: int, heads: int = 4):
+        super().__init__()
+        self.register = nn.Parameter(torch.zeros(1, 1, dim))
+        self.layers = nn.ModuleList(nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout=0.0, activation="gelu",
+                                                               batch_first=True, norm_first=True)
+                                    for _ in range(layers))
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        b = tokens.shape[0]
+        h = torch.cat([self.register.expand(b, 1, -1).to(tokens.dtype), tokens], dim=1)
+        pad = ~torch.cat([torch.ones(b, 1, dtype=torch.bool, device=mask.device), mask], dim=1)
+        for layer in self.layers:
+            h = layer(h, src_key_padding_mask=pad)
+        return self.norm(h[:, 1:])
+
+
 class _TextReader(nn.Module):
     """Runs the condition's frozen encoder (held outside this module, so outside the state dict and the EMA) and
     projects its output: the pooled embedding to the time embedding's width, the tokens to `dim` for
-    cross-attention. A caption with no tokens (the null value) reads as zeros with an all-False mask."""
+    cross-attention, then through the condition's trainable transformer layers, if any. A caption with no tokens
+    (the null value) reads as zeros with an all-False mask."""
 
     def __init__(self, condition: TextCondition, dim: int):
         super().__init__()
@@ -192,12 +217,16 @@ class _TextReader(nn.Module):
         width = condition.encoder_dim
         self.pooled = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, dim)) if condition.pooled else None
         self.tokens = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, dim))
+        self.refiner = _TokenRefiner(dim, condition.layers) if condition.layers else None
 
     def forward(self, ids: torch.Tensor) -> Context:
         text = self._condition.embed(ids)
         device = self.tokens[1].weight.device
         mask = text.mask.to(device)
-        tokens = self.tokens(text.tokens.to(device)) * mask[..., None]
+        tokens = self.tokens(text.tokens.to(device))
+        if self.refiner is not None:
+            tokens = self.refiner(tokens, mask)
+        tokens = tokens * mask[..., None]
         if self.pooled is None:
             return Context(tokens=tokens, mask=mask)
         pooled = self.pooled(text.pooled.to(device)) * mask.any(1, keepdim=True)  # null caption: no pooled vector
@@ -214,8 +243,9 @@ class TextCondition(Condition):
     key, kind, needs_examples = "text", "tokens", True
 
     def __init__(self, encoder: str = "minilm-l6", max_length: int = 32, encoder_dim: int | None = None,
-                 pooled: bool = True):
+                 pooled: bool = True, layers: int = 0):
         self.encoder_name, self.max_length, self.pooled = str(encoder), int(max_length), bool(pooled)
+        self.layers = int(layers)
         self._encoder = None
         self._dim = encoder_dim
 
@@ -272,7 +302,7 @@ class TextCondition(Condition):
 
     def spec(self) -> dict:
         return {"kind": "text", "encoder": self.encoder_name, "max_length": self.max_length,
-                "encoder_dim": self.encoder_dim, "pooled": self.pooled}
+                "encoder_dim": self.encoder_dim, "pooled": self.pooled, "layers": self.layers}
 
 
 class _ScalarEmbedding(nn.Module):
@@ -367,7 +397,8 @@ class GuidanceWeight(ScalarCondition):
 CONDITIONS = {"class": lambda s: ClassLabel(s["num_classes"]),
               "image": lambda s: ImageCondition(s["channels"], s.get("key", "cond_image")),
               "text": lambda s: TextCondition(s.get("encoder", "minilm-l6"), s.get("max_length", 32),
-                                              s.get("encoder_dim"), s.get("pooled", True)),
+                                              s.get("encoder_dim"), s.get("pooled", True),
+                                              s.get("layers", 0)),
               "low_res": lambda s: LowResImage(s["channels"], s["low_size"], s["size"]),
               "augmentation": lambda s: NoiseAugmentation(s["max_level"]),
               "guidance": lambda s: GuidanceWeight()}

@@ -41,12 +41,15 @@ def model_conditioning(spec: dict, data: DataSpec) -> Conditioning:
     text = spec.get("text")
     if text:
         text = check_options(text if isinstance(text, dict) else {"encoder": text},
-                             {"encoder", "max_length", "pooled"}, "model.text")
-        pooled = text.get("pooled", True)
+                             {"encoder", "max_length", "pooled", "layers"}, "model.text")
+        pooled, layers = text.get("pooled", True), text.get("layers", 0)
         if not isinstance(pooled, bool):
             raise ValueError(f"model.text.pooled must be true or false, got {pooled!r}")
+        if isinstance(layers, bool) or not isinstance(layers, int) or layers < 0:
+            raise ValueError(f"model.text.layers must be a whole number >= 0 of trainable transformer layers over "
+                             f"the frozen encoder's tokens, got {layers!r}")
         conditions.append(TextCondition(text.get("encoder", "minilm-l6"), int(text.get("max_length", 32)),
-                                        pooled=pooled))
+                                        pooled=pooled, layers=layers))
     if spec.get("guidance_input", False):  # a guidance-distilled student reads w (deepgm.conditioning.GuidanceWeight)
         if not conditions:
             raise ValueError("model.guidance_input needs a conditional model (class_conditional or text): guidance "
