@@ -182,11 +182,11 @@ class LowResImage(ImageCondition):
 
 
 class _TokenRefiner(nn.Module):
-    """Trainable pre-norm transformer layers over a caption's projected tokens (B, L, D) with mask (B, L). The
-    frozen encoder's tokens carry which colour and shape belong to which object and which object the relation puts
-    where, but a single linear projection rarely exposes it to the U-Net's queries; a few layers trained with the
-    U-Net can (a text transformer trained with the image model, as in GLIDE). A learned token is always attended
-    to, so a caption with no tokens (guidance's null condition) stays well defined."""
+    """Trainable pre-norm transformer layers over a caption's projected tokens (B, L, D) with mask (B, L): a text
+    transformer trained with the image model, as in GLIDE, on top of the frozen encoder. Meant to let the tokens say
+    which object the relation puts where, which a linear projection may hide from the U-Net's queries; on captioned
+    shapes 2 or 4 layers did not lift two-object captions within 5,000 steps (README). A learned token is always
+    attended to, so a caption with no tokens (guidance's null condition) stays well defined."""
 
     def __init__(self, dim: int, layers: int, heads: int = 4):
         super().__init__()
