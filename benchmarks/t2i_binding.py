@@ -21,6 +21,7 @@ Run:  python benchmarks/t2i_binding.py RUN_DIR [RUN_DIR ...] [--n 200] [--guidan
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from pathlib import Path
 
@@ -28,9 +29,10 @@ import torch
 
 from deepgm.data.shapes import ATTRIBUTE_NAMES, ATTRIBUTE_VALUES, COLOURS, COLUMN, canonical, relations_between, render
 from deepgm.eval import get_feature_net
+from deepgm.eval.alignment import alignment
 from deepgm.family import SamplingPlan
 from deepgm.files import write_json, write_text
-from deepgm.pipeline import draw, load_prepared, load_run
+from deepgm.pipeline import Run, _data_options, draw, load_prepared, load_run
 
 KINDS = ("n_objects", "colour", "shape", "size", "relation")
 # P(relation holds) for an ordered pair of distinct random cells, the same for each relation by symmetry
@@ -43,19 +45,20 @@ PHRASE = {"above": "above", "below": "below", "left of": "to the left of", "righ
 T_HIGH = 0.98  # alpha ~ 0.03 on the cosine schedule: x_t is almost pure noise
 
 
+@functools.cache  # the same for every run
 def _mean_scene(colour_a: str, shape_a: str, colour_b: str, shape_b: str, relation: str, size: int) -> torch.Tensor:
     """E[x0 | caption] at t = 1 for a two-object caption: the renders of every cell pair the relation allows, each
     weighted by the chance the dataset gives it (cells uniform, then one of the relations that hold)."""
+    row = [-1] * len(ATTRIBUTE_NAMES)
+    values = {"n_objects": "two", "relation": relation, "shape0": shape_a, "colour0": colour_a, "shape1": shape_b,
+              "colour1": colour_b, "size0": "large", "size1": "large"}
+    for name, value in values.items():
+        row[COLUMN[name]] = ATTRIBUTE_VALUES[name].index(value)
     total, weight = 0.0, 0.0
     for a in range(9):
         for b in range(9):
             holds = relations_between(a, b) if a != b else []
             if relation in holds:
-                row = [-1] * len(ATTRIBUTE_NAMES)
-                values = {"n_objects": "two", "relation": relation, "shape0": shape_a, "colour0": colour_a,
-                          "shape1": shape_b, "colour1": colour_b, "size0": "large", "size1": "large"}
-                for name, value in values.items():
-                    row[COLUMN[name]] = ATTRIBUTE_VALUES[name].index(value)
                 row[COLUMN["position0"]], row[COLUMN["position1"]] = a, b
                 total, weight = total + render(row, size) / len(holds), weight + 1 / len(holds)
     return total / weight
@@ -76,10 +79,9 @@ def _contrast(first: torch.Tensor, second: torch.Tensor, colour_a: str, colour_b
 
 
 @torch.no_grad()
-def relation_contrast(run_dir: str, draws: int = 64) -> dict:
+def relation_contrast(run_dir: str, run: Run, draws: int = 64) -> dict:
     """Per axis, the relation contrast of the run's denoiser at T_HIGH and of the data's exact mean, averaged over
     PAIRS."""
-    run = load_run(run_dir)
     text, size = run.model.conditioning["text"], run.config["data"]["size"]
     out = {"run": run_dir}
     for axis, (rel_first, rel_second) in AXES.items():
@@ -100,23 +102,17 @@ def relation_contrast(run_dir: str, draws: int = 64) -> dict:
     return out
 
 
-def binding(run_dir: str, n: int, plan: SamplingPlan, split: str = "test") -> dict:
-    run = load_run(run_dir)
-    if "text" not in run.model.conditioning:
-        raise SystemExit(f"{run_dir} is not text-conditioned; train t2i-shapes-base")
+def binding(run_dir: str, run: Run, n: int, plan: SamplingPlan, split: str = "test") -> dict:
     data = load_prepared(run, split)
-    rows = torch.nonzero(data.attributes[:, COLUMN["n_objects"]] == 1).flatten()[:n]
-    batch = data.batch(rows)
-    cond = {c.key: c.from_batch(batch) for c in run.model.conditioning.conditions.values() if c.needs_examples}
-    x = draw(run, len(rows), 0, plan, cond).x.clamp(-1, 1).cpu()
-    net = get_feature_net("shapes", {k: v for k, v in run.config["data"].items() if k != "name"})
-    read, wanted = net.predict(x), data.attributes[rows]
+    data = data.subset(torch.nonzero(data.attributes[:, COLUMN["n_objects"]] == 1).flatten()[:n])
+    x = draw(run, len(data), 0, plan, run.model.conditioning.examples(data, len(data))).x.clamp(-1, 1).cpu()
+    net = get_feature_net("shapes", _data_options(run.config))
+    read, wanted = net.predict(x), data.attributes
     agree = data.agreement(read, wanted)
     colours = lambda a: a[:, [COLUMN["colour0"], COLUMN["colour1"]]]  # noqa: E731
     one_colour = (colours(read)[:, 0] == colours(read)[:, 1]) & (colours(canonical(wanted)).diff(dim=1)[:, 0] != 0)
     objects_right = agree["colour"] & agree["shape"]
-    out = {"run": run_dir, "step": run.step, "n": len(rows),
-           "alignment": float(torch.stack([agree[k] for k in agree]).all(0).double().mean()),
+    out = {"run": run_dir, "step": run.step, "n": len(data), "alignment": alignment(agree)["alignment"],
            **{k: float(agree[k].double().mean()) for k in KINDS},
            "one_colour_for_two": float(one_colour.double().mean()),
            "objects_right": float(objects_right.double().mean()),
@@ -138,8 +134,16 @@ def main(argv=None) -> int:
     parser.add_argument("--name", default="t2i_binding", help="stem of the result files")
     args = parser.parse_args(argv)
     plan = SamplingPlan(args.sampler, args.steps, guidance=args.guidance, threshold="static")
-    rows = [binding(r, args.n, plan, args.split) for r in args.runs]
-    contrasts = [relation_contrast(r) for r in args.runs]
+    rows, contrasts = [], []
+    for run_dir in args.runs:
+        try:
+            run = load_run(run_dir)
+        except FileNotFoundError as err:
+            parser.error(str(err))
+        if "text" not in run.model.conditioning:
+            parser.error(f"{run_dir} is not text-conditioned; train t2i-shapes-base")
+        rows.append(binding(run_dir, run, args.n, plan, args.split))
+        contrasts.append(relation_contrast(run_dir, run))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / f"{args.name}.json", {"sampler": args.sampler, "steps": args.steps, "guidance": args.guidance,
