@@ -14,12 +14,15 @@ from deepgm.diffusion.calibration import (
     PILOT,
     _equidistributed,
     calibrate,
+    choose,
     fine_solve,
     pilot_size,
 )
 from deepgm.diffusion.denoiser import Denoiser
-from deepgm.diffusion.grids import CALIBRATED, make_grid, scaled_noise, smallest_time, trig
+from deepgm.diffusion.grids import CALIBRATED, make_grid, scaled_noise, smallest_time, start_std, trig
+from deepgm.diffusion.samplers import SAMPLERS
 from deepgm.diffusion.schedules import DiscreteVP
+from deepgm.eval.metrics import fid_of_samples
 
 
 def theta_ends(schedule):
@@ -94,7 +97,7 @@ def test_calibrated_grid_beats_the_fixed_trig_grid_on_the_ring():
     assert times[-2] == pytest.approx(smallest_time(schedule), rel=1e-12)
     # 5 grids (2 equidistributed, 3 trig) x orders 1, 2 x sigma_data 0.5, 1 on the pilot, after the fine solve
     assert cal.pilot_nfe == FINE_STEPS + 20 * 10 and cal.chosen in cal.pilot_errors and len(cal.pilot_errors) == 20
-    assert cal.pilot_errors[cal.chosen] == min(cal.pilot_errors.values())
+    assert cal.chosen == choose(cal.pilot_errors, cal.pilot_distances)
     assert cal.options["order"] in (1, 2) and cal.options["sigma_data"] in (cal.data_scale / 2, cal.data_scale)
     gmm = make_mixture("ring")  # the data scale is the rms of the pilot's ODE solution: the data's, up to sampling
     exact_scale = math.sqrt(float((gmm.weights * (gmm.means.pow(2).sum(1) + gmm.covs.diagonal(dim1=1, dim2=2)
@@ -135,7 +138,7 @@ def test_the_exponential_integrators_are_calibrated_against_their_own_grids_too(
         assert {f"{sampler}/{grid}" for grid in ("log-snr", "karras", "trig(1)", "equidistributed(0.5)")} <= set(
             cal.pilot_errors)
         assert len(cal.pilot_errors) == 7 and cal.pilot_nfe == FINE_STEPS + 7 * 6 and cal.options == {}
-        assert cal.pilot_errors[cal.chosen] == min(cal.pilot_errors.values())
+        assert cal.chosen == choose(cal.pilot_errors, cal.pilot_distances)
 
 
 def test_sample_calibrates_once_per_denoiser_and_settings_and_counts_the_pilot_apart():
@@ -164,11 +167,34 @@ def test_auto_chooses_the_sampler_closest_to_the_ode_on_the_pilot():
     schedule = DiscreteVP.linear(T=1000)
     denoiser = make_mixture("ring").denoiser(schedule)
     auto = calibrate(denoiser, "auto", 6, (2,), pilot=32, dtype=torch.float64)
-    alone = {}
+    alone, distances = {}, {}
     for sampler in AUTO_SAMPLERS:
-        alone.update(calibrate(denoiser, sampler, 6, (2,), pilot=32, dtype=torch.float64).pilot_errors)
-    assert auto.pilot_errors == alone and auto.pilot_nfe == FINE_STEPS + (20 + 7 + 7 + 7) * 6
-    assert auto.chosen == min(alone, key=alone.get) and auto.chosen.startswith(auto.sampler + "/")
+        cal = calibrate(denoiser, sampler, 6, (2,), pilot=32, dtype=torch.float64)
+        alone.update(cal.pilot_errors)
+        distances.update(cal.pilot_distances)
+    assert auto.pilot_errors == alone and auto.pilot_distances == distances
+    assert auto.pilot_nfe == FINE_STEPS + (20 + 7 + 7 + 7) * 6
+    assert auto.chosen == choose(alone, distances) and auto.chosen.startswith(auto.sampler + "/")
+
+
+def test_the_pilot_judges_each_candidate_by_its_rms_and_its_distributions_distance_to_the_fine_solution():
+    """Each candidate's Fréchet distance to the fine solution is that of its own samples, and the choice adds the two
+    ratios to the best: a candidate close sample by sample but with the wrong spread loses to one that is slightly
+    farther and right in distribution, which rms alone would not see."""
+    schedule = DiscreteVP.linear(T=1000)
+    denoiser = make_mixture("ring").denoiser(schedule)
+    cal = calibrate(denoiser, "deis", 6, (2,), pilot=64, dtype=torch.float64)
+    assert set(cal.pilot_distances) == set(cal.pilot_errors)
+    generator = torch.Generator().manual_seed(0)
+    z = start_std(schedule, 1.0) * torch.randn((64, 2), generator=generator, dtype=torch.float64)  # the pilot's
+    solution, _ = fine_solve(denoiser, z)
+    x = SAMPLERS["deis"](denoiser, make_grid("karras", schedule, 6), z, generator=generator)
+    assert cal.pilot_distances["deis/karras"] == pytest.approx(fid_of_samples(x, solution), rel=1e-9)
+    assert cal.pilot_errors["deis/karras"] == pytest.approx(float((x - solution).pow(2).mean().sqrt()), rel=1e-9)
+    errors, distances = {"near": 1.0, "spread right": 1.2, "far": 3.0}, {"near": 10.0, "spread right": 1.0, "far": 1.0}
+    assert choose(errors, distances) == "spread right"
+    assert choose({"a": 1.0, "b": 2.0}, {"a": 1.0, "b": 1.0}) == "a"  # equal in distribution: the closer one
+    assert choose({"a": 1.0, "b": 1.0}, {"a": 0.0, "b": 0.0}) == "a"  # both exact: the first tried
 
 
 def test_auto_picks_trig_abm_where_it_is_exact_and_dpm_solver_for_narrow_offset_data():

@@ -12,6 +12,7 @@ from deepgm.eval import (
     DigitClassifier,
     evaluate_samples,
     fid,
+    fid_of_samples,
     frechet_distance,
     get_feature_net,
     precision_recall,
@@ -36,6 +37,19 @@ def test_frechet_distance_commuting_full_covariances():
     expected = np.sum((mu1 - mu2) ** 2) + np.sum(e1 + e2 - 2 * np.sqrt(e1 * e2))
     assert frechet_distance(mu1, cov1, mu2, cov2) == pytest.approx(expected, rel=1e-8)
     assert frechet_distance(mu1, cov1, mu1, cov1) == pytest.approx(0, abs=1e-9)
+
+
+def test_fid_of_samples_equals_fid_in_low_and_high_dimension():
+    g = torch.Generator().manual_seed(0)
+    mix = torch.randn(12, 12, generator=g, dtype=torch.float64)
+    a = torch.randn(300, 12, generator=g, dtype=torch.float64) @ mix
+    b = 0.5 * torch.randn(300, 12, generator=g, dtype=torch.float64) + 0.3
+    assert fid_of_samples(a, b) == pytest.approx(fid(a, b), rel=1e-9)
+    wide_a, wide_b = torch.randn(40, 60, generator=g), torch.randn(40, 60, generator=g) * 2  # D > N: singular C
+    assert fid_of_samples(wide_a, wide_b) == pytest.approx(fid(wide_a, wide_b), rel=1e-4)
+    assert fid_of_samples(a, a) == pytest.approx(0, abs=1e-9)
+    with pytest.raises(ValueError, match="one shape"):
+        fid_of_samples(a, b[:10])
 
 
 def test_fid_of_gaussian_samples_matches_closed_form():

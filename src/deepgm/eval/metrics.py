@@ -54,6 +54,22 @@ def fid(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
     return frechet_distance(*gaussian_fit(feats_a), *gaussian_fit(feats_b))
 
 
+def fid_of_samples(a: torch.Tensor, b: torch.Tensor) -> float:
+    """fid(a, b) for two sample sets of equal size N in any dimension D, at the cost of an N x N SVD: with the
+    centred rows A and B, tr (C_a C_b)^1/2 = ||A B^T||_* / (N - 1), the nuclear norm, since the nonzero eigenvalues
+    of C_a C_b are the squared singular values of A B^T / (N - 1). fid's D x D matrix root costs seconds per call
+    at D = 768 and minutes at D = 3072; the calibration pilot compares dozens of candidates this way."""
+    a, b = (v.detach().double().reshape(len(v), -1) for v in (a, b))
+    if a.shape != b.shape or len(a) < 2:
+        raise ValueError(f"need two sample sets of one shape with at least 2 samples, got {tuple(a.shape)} and "
+                         f"{tuple(b.shape)}")
+    mean_a, mean_b = a.mean(0), b.mean(0)
+    a, b = a - mean_a, b - mean_b
+    root = torch.linalg.svdvals(a @ b.T).sum()
+    value = (mean_a - mean_b).pow(2).sum() + (a.pow(2).sum() + b.pow(2).sum() - 2 * root) / (len(a) - 1)
+    return float(value.clamp(min=0.0))
+
+
 def _knn_radii(x: torch.Tensor, k: int, batch_size: int) -> torch.Tensor:
     """Distance from each row of x to its k-th nearest other row."""
     if not 0 < k < len(x):
