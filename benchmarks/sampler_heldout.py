@@ -7,13 +7,16 @@ verdicts over those.
 
 The rule that keeps these problems held out: everything about the default (`sampler="auto"`: the samplers it
 chooses among, its grids and options, the pilot's size and criterion) is decided on the development problems
-(benchmarks/sampler_accuracy.py's 2-D ring and random 64-D mixture on DDPM's linear schedule, and the trained digits
-networks of benchmarks/digits_grids.py). This suite runs after those decisions and is reported apart; a change made
+(benchmarks/sampler_accuracy.py's 2-D ring and random 64-D mixture on DDPM's linear schedule, the synthetic
+ill-conditioned mixtures of benchmarks/pilot_criterion.py, and the trained digits networks of
+benchmarks/digits_grids.py). This suite runs after those decisions and is reported apart; a change made
 because of its results turns the problem it was made for into a development problem, and the README says so.
 
-Problems (none of them in the development set):
+Problems (none of them in the development set when added):
 - digits GMM 64-D: a 10-component full-covariance Gaussian mixture fitted by EM (scikit-learn) to the 1797 8x8
   digits scaled to [-1, 1], covariance floor 1e-3 (condition numbers ~1e2-1e4, printed); DDPM linear schedule.
+  A development problem since 2026-12-07, on both its schedules: its misses at NFE 6 led to the pilot's
+  criterion (which was then chosen on benchmarks/pilot_criterion.py's problems).
 - digits PCA 24-D: the digits on their 24 leading principal components, scaled to unit overall variance;
   6 components (condition numbers ~40-950); the cosine schedule (diffusers: squaredcos_cap_v2).
 - digits GMM 64-D, EDM: the first mixture under EDM's variance-exploding schedule (sigma 0.002 .. 80); diffusers'
