@@ -23,8 +23,8 @@ is not the one closest in distribution. On three synthetic such mixtures (develo
 benchmarks/pilot_criterion.py) rms alone picked candidates with 1.4-2.1x the best candidate's FD to the data; FD
 alone fixed that but gave up to 26% of sliced W2 where rms had picked the best; the sum is within 1.25x of the best
 FD and 1.10x of the best SW2 in every case there, and picks what rms picked on the benchmark's ring and 64-D
-mixture. The FD's D x D matrix root would cost seconds per candidate on images, so it is computed from the N x N
-cross-Gram matrix (deepgm.eval.metrics.fid_of_samples).
+mixture. The FD's D x D matrix root grows as D^3 (D = 3,072 for a 32x32 RGB image), so it is computed from the
+N x N cross-Gram matrix instead (deepgm.eval.metrics.fid_of_samples).
 
 The fine solve is the target every candidate is judged by, so it must be far closer to the ODE's solution than any
 candidate. Until 2026-12-07 it took 100 steps uniform in theta: exact to 1e-5 on the benchmark's mixtures, but on a

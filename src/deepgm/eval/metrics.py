@@ -57,8 +57,8 @@ def fid(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
 def fid_of_samples(a: torch.Tensor, b: torch.Tensor) -> float:
     """fid(a, b) for two sample sets of equal size N in any dimension D, at the cost of an N x N SVD: with the
     centred rows A and B, tr (C_a C_b)^1/2 = ||A B^T||_* / (N - 1), the nuclear norm, since the nonzero eigenvalues
-    of C_a C_b are the squared singular values of A B^T / (N - 1). fid's D x D matrix root costs seconds per call
-    at D = 768 and minutes at D = 3072; the calibration pilot compares dozens of candidates this way."""
+    of C_a C_b are the squared singular values of A B^T / (N - 1). fid's D x D matrix root grows as D^3, and the
+    calibration pilot compares dozens of candidates on image-sized samples this way."""
     a, b = (v.detach().double().reshape(len(v), -1) for v in (a, b))
     if a.shape != b.shape or len(a) < 2:
         raise ValueError(f"need two sample sets of one shape with at least 2 samples, got {tuple(a.shape)} and "
