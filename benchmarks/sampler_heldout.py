@@ -22,7 +22,7 @@ Problems (none of them in the development set when added):
 - digits GMM 64-D, EDM: the first mixture under EDM's variance-exploding schedule (sigma 0.002 .. 80); diffusers'
   DDPM schedulers do not take it, so deepgm and k-diffusion only.
 - cancer GMM 30-D: 5 full-covariance components fitted the same way to scikit-learn's breast-cancer features
-  (569 x 30, z-scored then halved; condition numbers ~7e2-4e3); DDPM linear schedule. Added 2026-12-07, before any
+  (569 x 30, z-scored then halved; condition numbers 6.5e2-3.6e3); DDPM linear schedule. Added 2026-12-07, before any
   sampler ran on it, to judge the pilot's criterion (paired Fréchet distance, chosen on synthetic development
   mixtures) after the digits 64-D mixture's miss at NFE 6 had motivated it.
 - trained networks as the denoiser (NETWORKS): MLP DDPMs of configs/ddpm-toy.yaml, 3000 steps, trained once into
