@@ -15,7 +15,7 @@ ill-conditioned full-covariance mixtures (random rotations, eigenvalues log-spac
 linear schedule. None is fitted to real data, so the held-out suite (benchmarks/sampler_heldout.py) stays apart.
 The exact denoiser throughout; each candidate runs on 10,000 fresh starting points.
 
-Run:  python benchmarks/pilot_criterion.py [--only ring synthetic] [--out benchmarks/results]   (~25 min, 1 thread)
+Run:  python benchmarks/pilot_criterion.py [--only ring synthetic] [--out benchmarks/results]   (~28 min, 1 thread)
 """
 
 from __future__ import annotations
