@@ -1,5 +1,6 @@
 """The calibrated time grid: error equidistribution from a pilot solve, chosen against fixed grids on the pilot."""
 
+import itertools
 import math
 
 import pytest
@@ -10,8 +11,10 @@ from deepgm.data import make_mixture
 from deepgm.data.toy import GaussianMixture
 from deepgm.diffusion.calibration import (
     AUTO_SAMPLERS,
+    DYNAMIC_POWER,
     FINE_STEPS,
     PILOT,
+    _dynamic,
     _equidistributed,
     calibrate,
     choose,
@@ -87,6 +90,28 @@ def test_the_pilot_holds_more_samples_in_low_dimension():
     assert calibrate(denoiser, "deis", 4, (2,), fine_steps=8).pilot == 2048
 
 
+def test_the_dynamic_grid_is_the_path_of_least_ddim_error_along_the_fine_solve():
+    """Against every path by brute force: each step's cost is the rms^DYNAMIC_POWER by which one DDIM step (the
+    sampler itself, on the denoiser itself) from the fine solve at its start misses the fine solve at its end."""
+    schedule = DiscreteVP.linear(T=1000)
+    denoiser = make_mixture("ring").denoiser(schedule)
+    z = torch.randn(16, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    solution, recorder = fine_solve(denoiser, z, steps=10)
+    times = [t for t, _, _ in recorder.trajectory] + [0.0]
+    states = [x.reshape(z.shape) for _, x, _ in recorder.trajectory] + [solution]
+    assert len(times) == 11 and recorder.kept == 16
+
+    def cost(i, j):
+        step = SAMPLERS["ddim"](denoiser, torch.tensor([times[i], times[j]], dtype=torch.float64), states[i])
+        return float((step - states[j]).pow(2).mean().sqrt()) ** DYNAMIC_POWER
+
+    for steps in (2, 3, 4):
+        paths = [(0, *inner, 10) for inner in itertools.combinations(range(1, 10), steps - 1)]
+        best = min(paths, key=lambda path: sum(cost(i, j) for i, j in itertools.pairwise(path)))
+        grid = _dynamic(schedule, recorder.trajectory, solution, steps)
+        assert grid.tolist() == [times[i] for i in best], steps
+
+
 def test_calibrated_grid_beats_the_fixed_trig_grid_on_the_ring():
     # the ring's modes sharpen at low noise: the calibration must find that from the pilot alone
     schedule = DiscreteVP.linear(T=1000)
@@ -94,9 +119,10 @@ def test_calibrated_grid_beats_the_fixed_trig_grid_on_the_ring():
     cal = calibrate(denoiser, "trig-abm", 10, (2,), pilot=128, dtype=torch.float64)
     times = cal.times
     assert times.shape == (11,) and times[0] == 1.0 and times[-1] == 0.0 and bool((times[1:] < times[:-1]).all())
-    assert times[-2] == pytest.approx(smallest_time(schedule), rel=1e-12)
-    # 5 grids (2 equidistributed, 3 trig) x orders 1, 2 x sigma_data 0.5, 1 on the pilot, after the fine solve
-    assert cal.pilot_nfe == FINE_STEPS + 20 * 10 and cal.chosen in cal.pilot_errors and len(cal.pilot_errors) == 20
+    # every grid but the dynamic one (which may stop its steps earlier) takes its last step from the smallest time
+    assert times[-2] == pytest.approx(smallest_time(schedule), rel=1e-12) or "/dynamic" in cal.chosen
+    # 6 grids (2 equidistributed, 3 trig, dynamic) x orders 1, 2 x sigma_data 0.5, 1 on the pilot, after the fine solve
+    assert cal.pilot_nfe == FINE_STEPS + 24 * 10 and cal.chosen in cal.pilot_errors and len(cal.pilot_errors) == 24
     assert cal.chosen == choose(cal.pilot_errors, cal.pilot_distances)
     assert cal.options["order"] in (1, 2) and cal.options["sigma_data"] in (cal.data_scale / 2, cal.data_scale)
     gmm = make_mixture("ring")  # the data scale is the rms of the pilot's ODE solution: the data's, up to sampling
@@ -126,7 +152,7 @@ def test_calibration_finds_the_data_scale_at_which_trig_abm_is_nearly_exact():
         assert cal.data_scale == pytest.approx(std, rel=0.15)
         assert cal.options["sigma_data"] == cal.data_scale, cal.pilot_errors
         fixed = calibrate(denoiser, "trig-abm", 5, (3,), pilot=64, dtype=torch.float64, sigma_data=1.0)
-        assert "sigma_data" not in fixed.options and len(fixed.pilot_errors) == 10
+        assert "sigma_data" not in fixed.options and len(fixed.pilot_errors) == 12
         assert cal.pilot_errors[cal.chosen] < 0.1 * fixed.pilot_errors[fixed.chosen]
 
 
@@ -135,9 +161,9 @@ def test_the_exponential_integrators_are_calibrated_against_their_own_grids_too(
     denoiser = make_mixture("ring").denoiser(schedule)
     for sampler in ("deis", "dpmpp-2m"):
         cal = calibrate(denoiser, sampler, 6, (2,), pilot=32, dtype=torch.float64)
-        assert {f"{sampler}/{grid}" for grid in ("log-snr", "karras", "trig(1)", "equidistributed(0.5)")} <= set(
-            cal.pilot_errors)
-        assert len(cal.pilot_errors) == 7 and cal.pilot_nfe == FINE_STEPS + 7 * 6 and cal.options == {}
+        assert {f"{sampler}/{grid}" for grid in ("log-snr", "karras", "trig(1)", "equidistributed(0.5)", "dynamic")
+                } <= set(cal.pilot_errors)
+        assert len(cal.pilot_errors) == 8 and cal.pilot_nfe == FINE_STEPS + 8 * 6 and cal.options == {}
         assert cal.chosen == choose(cal.pilot_errors, cal.pilot_distances)
 
 
@@ -173,7 +199,7 @@ def test_auto_chooses_the_sampler_closest_to_the_ode_on_the_pilot():
         alone.update(cal.pilot_errors)
         distances.update(cal.pilot_distances)
     assert auto.pilot_errors == alone and auto.pilot_distances == distances
-    assert auto.pilot_nfe == FINE_STEPS + (20 + 7 + 7 + 7) * 6
+    assert auto.pilot_nfe == FINE_STEPS + (24 + 8 + 8 + 8) * 6
     assert auto.chosen == choose(alone, distances) and auto.chosen.startswith(auto.sampler + "/")
 
 

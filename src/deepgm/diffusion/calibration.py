@@ -58,6 +58,12 @@ from deepgm.diffusion.samplers import SAMPLERS
 from deepgm.eval.metrics import fid_of_samples
 
 CANDIDATE_SCALES = (0.5, 1.0, 2.0)  # trig grids that the equidistributed grid must beat on the pilot batch
+# The dynamic grid's cost per step is its local rms error to this power: as the power grows the path evens out the
+# local errors rather than their sum. On the synthetic development mixtures (benchmarks/pilot_criterion.py) at NFE 6
+# the sum (power 1, GITS's) left the low-noise end to one long final jump and was 1.3-2x the equidistributed grid's
+# FD; powers 3, 5 and 8 gave nearly the same grids, 5 the best. TRAJECTORY_NUMBERS caps what the fine solve keeps
+# for it (its first samples' states and x0 predictions at every time): 2^23 numbers each, 64 MB each in float64.
+DYNAMIC_POWER, TRAJECTORY_NUMBERS = 5.0, 2**23
 DENSITY_POWERS, DENSITY_FLOOR = (0.5, 0.7), 0.05
 # Per sampler, beyond those: the fixed grids tried, and the sampler options tried with each grid (those the caller
 # does not fix). DEIS and DPM-Solver were designed on log-snr and Karras grids; trig-abm on trig grids (on log-snr
@@ -111,12 +117,15 @@ class _Recorder(torch.nn.Module):
         self.nfe, self.recording = 0, True
         self.points: list[tuple[float, torch.Tensor]] = []  # the last three (theta, F)
         self.curvature: list[tuple[float, float]] = []  # (theta, rms F'') at interior points
+        self.trajectory: list[tuple[float, torch.Tensor, torch.Tensor]] = []  # (t, x, x0) of the first few samples
+        self.kept = 0  # how many samples the trajectory keeps: set by fine_solve
 
     def forward(self, x, t, **cond):
         pred = self.inner(x, t, **cond)
         self.nfe += 1
         if not self.recording:
             return pred
+        self.trajectory.append((float(t), x[: self.kept].flatten().clone(), pred.x0[: self.kept].flatten().clone()))
         alpha, sigma = self.schedule.alpha_sigma(torch.tensor(float(t), dtype=torch.float64))
         # F: the EDM-preconditioned output with sigma_data = 1, the variable trig-abm integrates by default
         f = from_x0_eps(pred.x0.double(), pred.eps.double(), alpha, sigma, "edm", sigma_data=1.0)
@@ -145,11 +154,45 @@ def _equidistributed(schedule, curvature: list[tuple[float, float]], theta_top: 
     return from_scaled_noise(schedule, torch.tan(grid_theta), t_max=t_max)
 
 
+def _dynamic(schedule, trajectory: list[tuple[float, torch.Tensor, torch.Tensor]], solution: torch.Tensor,
+             steps: int, power: float = DYNAMIC_POWER) -> torch.Tensor:
+    """The `steps`-step path through the fine solve's times (then 0) whose DDIM steps, each taken from the fine
+    solution at its start, land closest to the fine solution at its end: least sum of rms^power over the steps,
+    by dynamic programming (GITS, Chen et al. 2024, which sums plain norms; see DYNAMIC_POWER)."""
+    t = torch.tensor([time for time, _, _ in trajectory] + [0.0], dtype=torch.float64)
+    x = torch.stack([v for _, v, _ in trajectory] + [solution.flatten()[: trajectory[0][1].numel()]])
+    x, x0 = x.double(), torch.stack([v for _, _, v in trajectory]).double()
+    alpha, sigma = schedule.alpha_sigma(t)
+    m = len(trajectory)
+    # the DDIM step from node i to node j: (sigma_j / sigma_i) x_i + (alpha_j - alpha_i sigma_j / sigma_i) x0_i; its
+    # squared error to x_j for every (i, j) at once, from inner products (m x m matrices, not m x m x numbers)
+    ratio = sigma[None, :] / sigma[:m, None]
+    gain = alpha[None, :] - alpha[:m, None] * ratio
+    xx, x0x = x @ x.T, x0 @ x.T
+    x0x0, xix0 = x0.pow(2).sum(1)[:, None], (x[:m] * x0).sum(1)[:, None]
+    squared = (ratio**2 * xx.diagonal()[:m, None] + gain**2 * x0x0 + xx.diagonal()[None, :]
+               + 2 * ratio * gain * xix0 - 2 * ratio * xx[:m] - 2 * gain * x0x)
+    cost = (squared.clamp(min=0) / x.shape[1]).sqrt() ** power
+    node = torch.arange(m + 1)
+    cost = torch.where(node[None, :] > node[:m, None], cost, torch.full_like(cost, math.inf))  # forward steps only
+    least = torch.full((m + 1,), math.inf, dtype=torch.float64)
+    least[0] = 0.0  # every path starts at the first node (t_max)
+    came_from = []
+    for _ in range(steps):
+        least, previous = (least[:m, None] + cost).min(0)
+        came_from.append(previous)
+    path = [m]
+    for previous in reversed(came_from):
+        path.append(int(previous[path[-1]]))
+    return t[path[::-1]]
+
+
 @torch.no_grad()
 def fine_solve(denoiser, z: torch.Tensor, cond: dict | None = None, steps: int = FINE_STEPS, t_max: float = 1.0):
     """The pilot's target: the ODE from z (at t_max) by trig-abm, order 3, `steps` steps uniform in log-SNR (see the
     module notes); returns it and the recorder that kept rms F''(theta) along the way (its later calls pass through)."""
     recorder = _Recorder(denoiser)
+    recorder.kept = max(1, min(len(z), TRAJECTORY_NUMBERS // (steps * math.prod(z.shape[1:]))))
     times = make_grid("log-snr", denoiser.schedule, steps, t_max=t_max).to(z.device)
     solution = SAMPLERS["trig-abm"](recorder, times, z, cond=cond, order=3)
     recorder.recording = False
@@ -203,6 +246,7 @@ def calibrate(denoiser, sampler: str, steps: int, shape: tuple[int, ...], pilot:
     grids = {f"equidistributed({power:g})": _equidistributed(schedule, recorder.curvature, theta_top, theta_end,
                                                              steps, power, t_max) for power in DENSITY_POWERS}
     grids.update({f"trig({scale:g})": trig(schedule, steps, scale=scale, t_max=t_max) for scale in CANDIDATE_SCALES})
+    grids["dynamic"] = _dynamic(schedule, recorder.trajectory, solution, steps)
     errors, distances, choices = {}, {}, {}
     for name in samplers:
         fixed_grids, sampler_options = CANDIDATES.get(name, OTHER_CANDIDATES)
