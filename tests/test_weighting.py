@@ -160,3 +160,27 @@ def test_learned_schedule_shape_follows_the_variance_gradient_and_endpoints_the_
     torch.testing.assert_close(trick.schedule.lam_min.grad, grads_elbo[0])
     torch.testing.assert_close(trick.schedule.lam_max.grad, grads_elbo[1])
     assert set(terms) == {"elbo_bpd", "diffusion_bpd", "prior_bpd", "decoder_bpd"}
+
+
+def test_a_mixture_of_weightings_estimates_their_average_objective():
+    """A list of weightings splits the batch among them: its loss is the mean over shares, an unbiased estimate of
+    the average of their quadratures (one where the time law is uniform, one log-normal at high noise)."""
+    schedule = VPSDE()
+    parts = [{"name": "simple", "t_sampling": "uniform"}, {"name": "edm", "p_mean": 1.5, "p_std": 1.2}]
+    model = DiffusionModel(MLP(dim=D, width=8, depth=1), schedule, "x0", parts)
+    model.denoiser = gaussian_denoiser(schedule)  # the exact denoiser: the expectation is known in closed form
+    g = torch.Generator().manual_seed(0)
+    x0 = M + math.sqrt(S2) * torch.randn(40_000, D, generator=g, dtype=F64)
+    loss, terms = model.loss({"x": x0}, g)
+    want = sum(expected_loss(Weighting(**p), schedule) for p in parts) / 2
+    per_share = [float(v) for v in terms.values()]
+    assert set(terms) == {"eps_mse_0", "edm_loss_1"} and float(loss) == pytest.approx(sum(per_share) / 2)
+    # each share is 20,000 draws: the two shares' standard errors, added in quadrature, halved
+    g = torch.Generator().manual_seed(1)
+    spread = [weighted_loss(model.denoiser, x0[:20_000], Weighting(**p), g).std() / math.sqrt(20_000) for p in parts]
+    assert abs(float(loss) - want) < 4 * float(sum(s**2 for s in spread).sqrt()) / 2
+    assert abs(per_share[0] - per_share[1]) > 0.1 * want  # the two weightings differ: the mixture is not one of them
+    with pytest.raises(ValueError, match="denoising weightings only"):
+        DiffusionModel(MLP(dim=D, width=8, depth=1), schedule, "x0", ["simple", "elbo"])
+    with pytest.raises(ValueError, match="at least two"):
+        DiffusionModel(MLP(dim=D, width=8, depth=1), schedule, "x0", ["simple"])

@@ -31,6 +31,33 @@ class DenoisingObjective:
         return per_example.mean(), {self.term: per_example.mean().detach()}
 
 
+class WeightingMixture:
+    """Several weightings at once: the batch split into equal shares, each share's training times drawn under one of
+    them. The loss is the shares' mean, an unbiased estimate of the weightings' average objective, whose times follow
+    the mixture of their laws: e.g. one that dwells where a scene's layout is decided (high noise) and one where its
+    shapes take form (README, text-to-image). Named in a config as a list: loss: [simple, {name: edm, p_mean: 1.5}]."""
+
+    def __init__(self, weightings: list[Weighting]):
+        if len(weightings) < 2:
+            raise ValueError(f"a mixture of weightings needs at least two, got {len(weightings)}")
+        if any(w.name in ("vlb", "elbo") for w in weightings):
+            raise ValueError("a mixture of weightings takes denoising weightings only (not 'vlb' or 'elbo', which "
+                             "are bounds with terms of their own)")
+        self.parts = [DenoisingObjective(w) for w in weightings]
+
+    def __call__(self, denoiser, x0: torch.Tensor, cond: dict, generator: torch.Generator):
+        if len(x0) < len(self.parts):
+            raise ValueError(f"a batch of {len(x0)} cannot be shared among {len(self.parts)} weightings; "
+                             "use a batch at least as large as the number of weightings")
+        shares = x0.tensor_split(len(self.parts))
+        conds = {k: v.tensor_split(len(self.parts)) for k, v in cond.items()}
+        losses = [weighted_loss(denoiser, share, part.weighting, generator, {k: v[i] for k, v in conds.items()})
+                  for i, (part, share) in enumerate(zip(self.parts, shares, strict=True))]
+        terms = {f"{part.term}_{i}": loss.mean().detach() for i, (part, loss) in enumerate(zip(self.parts, losses,
+                                                                                              strict=True))}
+        return torch.cat(losses).mean(), terms
+
+
 class DiscreteVLB:
     """The discrete variational bound (Ho et al. 2020, eq. 5), one uniformly drawn term per example, in nats/dim."""
 
@@ -67,8 +94,11 @@ class ContinuousELBO:
         return (total.mean() / dims).float(), {k: bits_per_dim(v.mean().detach(), dims) for k, v in terms.items()}
 
 
-def make_objective(weighting: str | dict | Weighting, schedule, levels: int | None):
-    """The objective a `weighting` names: 'vlb' the discrete bound, 'elbo' the continuous ELBO, else weighted DSM."""
+def make_objective(weighting: str | dict | Weighting | list, schedule, levels: int | None):
+    """The objective a `weighting` names: 'vlb' the discrete bound, 'elbo' the continuous ELBO, a list a mixture of
+    weightings, else weighted DSM."""
+    if isinstance(weighting, (list, tuple)):
+        return WeightingMixture([w if isinstance(w, Weighting) else Weighting.from_config(w) for w in weighting])
     weighting = weighting if isinstance(weighting, Weighting) else Weighting.from_config(weighting)
     if weighting.name == "vlb":
         if schedule.T is None:
