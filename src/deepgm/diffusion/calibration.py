@@ -8,7 +8,9 @@ on a mode. No fixed grid serves both (benchmarks/sampler_accuracy.py), so `calib
    the network output in TrigFlow variables, F(theta) with theta = arctan(sigma/alpha), along the way;
 2. builds grids that equidistribute the local error: step density proportional to rms|F''(theta)|^p for
    p = 0.5 and 0.7 (the second derivative by divided differences, its rms over the pilot batch; a density
-   floor of 5% of the mean keeps quiet stretches from getting no step at all);
+   floor of 5% of the mean keeps quiet stretches from getting no step at all), and a dynamic grid: the path of
+   `steps` steps through the fine solve's own times whose DDIM steps, each from the fine solution at its start,
+   miss it least at their ends (least sum of rms^5, by dynamic programming: `_dynamic`);
 3. runs the requested sampler on the pilot batch over those grids, over the trig grids of scale 0.5, 1 and 2,
    and, except for trig-abm, over the log-snr and Karras grids that DEIS and DPM-Solver were designed on
    (trig-abm instead with each of its option CANDIDATES), and keeps the one closest to the fine solution by
@@ -26,13 +28,22 @@ FD and 1.10x of the best SW2 in every case there, and picks what rms picked on t
 mixture. The FD's D x D matrix root grows as D^3 (D = 3,072 for a 32x32 RGB image), so it is computed from the
 N x N cross-Gram matrix instead (deepgm.eval.metrics.fid_of_samples).
 
+Why the dynamic grid: the equidistributed grids place steps by the curvature of the network output, an asymptotic
+rule; at 6 steps the error is no longer local. The dynamic grid measures each possible step's error on the pilot
+directly, at no extra network evaluation (every step starts from a point of the fine solve, whose outputs are
+kept). The idea and the dynamic programme are GITS's (Chen et al. 2024, "On the trajectory regularity of ODE-based
+diffusion sampling"); GITS sums the steps' errors, which on the synthetic development mixtures left the low-noise
+end to one long final jump; the sum of their 5th powers evens them out. There, at NFE 6, trig-abm on it came to
+0.19-0.25x the FD of the candidate chosen before it existed (benchmarks/results/pilot_criterion.md; FD 0.011 against
+0.058 at 32-D, 0.018 against 0.072 at 48-D), and the pilot keeps the old pick where it is not better (16-D).
+
 The fine solve is the target every candidate is judged by, so it must be far closer to the ODE's solution than any
 candidate. Until 2026-12-07 it took 100 steps uniform in theta: exact to 1e-5 on the benchmark's mixtures, but on a
 trained 2-D MLP (the grid MLP of benchmarks/sampler_heldout.py) 0.076 rms from its converged ODE, worse than the
 candidates at 10-20 steps, because a learned denoiser bends sharply at low noise, where that grid is sparse and
 sent a few samples to another mode; the pilot then favoured the candidates that erred like it. Uniform in log-SNR,
 200 steps: 1.8e-3 there, 9e-6 and 4e-6 on the 64-D mixture and the 2-D ring.
-The pilot costs `fine_steps + 7 * steps` (trig-abm: `fine_steps + 20 * steps`; auto: `fine_steps + 41 * steps`)
+The pilot costs `fine_steps + 8 * steps` (trig-abm: `fine_steps + 24 * steps`; auto: `fine_steps + 48 * steps`)
 batched network evaluations on `pilot` samples, once per model and settings (`deepgm.sample` caches the result
 on the denoiser); above MOST_STEPS steps there is no pilot and the grid is trig. The powers were chosen on the
 benchmark's mixtures: 1/3, the asymptotic optimum for a 2nd-order method, puts too few steps where the 2-D ring's
