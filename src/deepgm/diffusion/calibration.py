@@ -70,10 +70,11 @@ from deepgm.eval.metrics import fid_of_samples
 
 CANDIDATE_SCALES = (0.5, 1.0, 2.0)  # trig grids that the equidistributed grid must beat on the pilot batch
 # The dynamic grid's cost per step is its local rms error to this power: as the power grows the path evens out the
-# local errors rather than their sum. On the synthetic development mixtures (benchmarks/pilot_criterion.py) at NFE 6
-# the sum (power 1, GITS's) left the low-noise end to one long final jump and was 1.3-2x the equidistributed grid's
-# FD; powers 3, 5 and 8 gave nearly the same grids, 5 the best. TRAJECTORY_NUMBERS caps what the fine solve keeps
-# for it (its first samples' states and x0 predictions at every time): 2^23 numbers each, 64 MB each in float64.
+# local errors rather than their sum. On the synthetic 32-D development mixture (benchmarks/pilot_criterion.py) at
+# NFE 6 the sum (power 1, GITS's) left the low-noise end to one long final jump: FD 1.25-5.7x (by sampler) that of
+# the candidate chosen before; powers 3, 5 and 8 gave nearly the same grids, 5 the best (FD 0.6x with UniPC).
+# TRAJECTORY_NUMBERS caps what the fine solve keeps for it (its first samples' states and x0 predictions at every
+# time): 2^23 numbers each, 64 MB each in float64.
 DYNAMIC_POWER, TRAJECTORY_NUMBERS = 5.0, 2**23
 DENSITY_POWERS, DENSITY_FLOOR = (0.5, 0.7), 0.05
 # Per sampler, beyond those: the fixed grids tried, and the sampler options tried with each grid (those the caller
