@@ -37,15 +37,23 @@ def test_kill_9_during_eval_leaves_no_half_written_eval_json_and_a_rerun_gives_t
     # the uninterrupted evaluation (in this process: the feature network is trained once, into the session's cache,
     # which the children below read through DEEPGM_CACHE)
     assert main(["eval", str(run)]) == 0
-    reference = numbers(json.loads(path.read_text()))
-    assert numbers(json.loads(capsys.readouterr().out)) == reference
+    in_process = numbers(json.loads(path.read_text()))
+    assert numbers(json.loads(capsys.readouterr().out)) == in_process
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "deepgm.cli", "eval", str(run)]
     start = time.monotonic()
     child = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     duration = time.monotonic() - start
     assert child.returncode == 0, child.stderr[-2000:]
-    assert numbers(json.loads(child.stdout)) == reference  # another process, the same numbers
+    # the uninterrupted evaluation in a fresh process, as every killed one below is: their numbers must match it to
+    # the last digit. This process agrees with it to float32 rounding only: on some machines (2026-12-07's) its
+    # FID floor differs in the 8th digit, this process's feature network being the one it trained rather than the one
+    # read back from the cache; anything wrong (other samples, a half-written file) is off by far more
+    reference = numbers(json.loads(child.stdout))
+    assert reference.keys() == in_process.keys()
+    for key, value in in_process.items():
+        close = isinstance(value, float) and reference[key] == pytest.approx(value, rel=1e-6)
+        assert close or reference[key] == value, (key, reference[key], value)
 
     old = {**reference, "note": "the evaluation before the kill"}
     killed = []
@@ -66,6 +74,6 @@ def test_kill_9_during_eval_leaves_no_half_written_eval_json_and_a_rerun_gives_t
             assert not had_one, f"eval.json from before is gone after a kill at {fraction:.0%}"
     assert sum(killed) >= 2, f"the kills came too late to interrupt anything: {killed}"
 
-    assert main(["eval", str(run)]) == 0  # after the kills: the numbers of the uninterrupted evaluation
-    assert numbers(json.loads(path.read_text())) == reference
-    assert numbers(json.loads(capsys.readouterr().out)) == reference
+    assert main(["eval", str(run)]) == 0  # after the kills: this process's numbers, as before them
+    assert numbers(json.loads(path.read_text())) == in_process
+    assert numbers(json.loads(capsys.readouterr().out)) == in_process

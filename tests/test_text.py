@@ -125,7 +125,9 @@ def test_truncated_layers(encoders):
     full = encoders["minilm-l6"].encode(captions)
     all_six = load_text_encoder("minilm-l6:6")
     assert all_six.num_parameters == encoders["minilm-l6"].num_parameters
-    assert torch.allclose(all_six.encode(captions).tokens, full.tokens, atol=1e-6)
+    # float32 rounding only (up to 1.5e-6 seen when earlier tests had encoded these captions in other batches); a wrong
+    # layer count is off by more than 0.1 (below)
+    assert torch.allclose(all_six.encode(captions).tokens, full.tokens, atol=1e-5)
     two = encoders["minilm-l6:2"].encode(captions)
     assert (two.tokens - full.tokens).abs().max() > 0.1
     counts = [encoders[n].num_parameters for n in ("minilm-l6", "minilm-l6:2", "bow")]
