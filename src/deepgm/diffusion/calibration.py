@@ -170,9 +170,10 @@ def _dynamic(schedule, trajectory: list[tuple[float, torch.Tensor, torch.Tensor]
              steps: int, power: float = DYNAMIC_POWER) -> torch.Tensor:
     """The `steps`-step path through the fine solve's times (then 0) whose DDIM steps, each taken from the fine
     solution at its start, land closest to the fine solution at its end: least sum of rms^power over the steps,
-    by dynamic programming (GITS, Chen et al. 2024, which sums plain norms; see DYNAMIC_POWER)."""
+    by dynamic programming (GITS, Chen et al. 2024, which sums plain norms; see DYNAMIC_POWER). `solution`: the
+    fine solution of the samples the trajectory kept."""
     t = torch.tensor([time for time, _, _ in trajectory] + [0.0], dtype=torch.float64)
-    x = torch.stack([v for _, v, _ in trajectory] + [solution.flatten()[: trajectory[0][1].numel()]])
+    x = torch.stack([v for _, v, _ in trajectory] + [solution.flatten()])
     x, x0 = x.double(), torch.stack([v for _, _, v in trajectory]).double()
     alpha, sigma = schedule.alpha_sigma(t)
     m = len(trajectory)
@@ -258,7 +259,7 @@ def calibrate(denoiser, sampler: str, steps: int, shape: tuple[int, ...], pilot:
     grids = {f"equidistributed({power:g})": _equidistributed(schedule, recorder.curvature, theta_top, theta_end,
                                                              steps, power, t_max) for power in DENSITY_POWERS}
     grids.update({f"trig({scale:g})": trig(schedule, steps, scale=scale, t_max=t_max) for scale in CANDIDATE_SCALES})
-    grids["dynamic"] = _dynamic(schedule, recorder.trajectory, solution, steps)
+    grids["dynamic"] = _dynamic(schedule, recorder.trajectory, solution[: recorder.kept], steps)
     errors, distances, choices = {}, {}, {}
     for name in samplers:
         fixed_grids, sampler_options = CANDIDATES.get(name, OTHER_CANDIDATES)
