@@ -6,12 +6,15 @@ import math
 import pytest
 import torch
 
+from deepgm.config import load_config
+from deepgm.data import load_dataset
 from deepgm.diffusion.denoiser import Denoiser, from_x0_eps
 from deepgm.diffusion.losses import noise_data, simple_loss
 from deepgm.diffusion.model import DiffusionModel
 from deepgm.diffusion.schedules import DiscreteVP
 from deepgm.diffusion.sde import VESDE, VPSDE, CosineVP, EDMSchedule, LearnedSchedule
 from deepgm.diffusion.weighting import Weighting, log_snr_range, weighted_loss
+from deepgm.models import build_model
 from deepgm.nets.mlp import MLP
 
 F64 = torch.float64
@@ -180,6 +183,11 @@ def test_a_mixture_of_weightings_estimates_their_average_objective():
     spread = [weighted_loss(model.denoiser, x0[:20_000], Weighting(**p), g).std() / math.sqrt(20_000) for p in parts]
     assert abs(float(loss) - want) < 4 * float(sum(s**2 for s in spread).sqrt()) / 2
     assert abs(per_share[0] - per_share[1]) > 0.1 * want  # the two weightings differ: the mixture is not one of them
+    # a config names it as a list (`model.loss=[simple, {name: edm, ...}]` on the command line)
+    config = load_config("ddpm-toy", ["model.loss=[simple, {name: edm, p_mean: 1.5, p_std: 1.2}]"])
+    built = build_model(config["model"], load_dataset(**config["data"]))
+    assert [part.weighting for part in built.objective.parts] == [Weighting("simple"),
+                                                                  Weighting("edm", p_mean=1.5, p_std=1.2)]
     with pytest.raises(ValueError, match="denoising weightings only"):
         DiffusionModel(MLP(dim=D, width=8, depth=1), schedule, "x0", ["simple", "elbo"])
     with pytest.raises(ValueError, match="at least two"):
