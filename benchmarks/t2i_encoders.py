@@ -7,7 +7,9 @@ test captions, on held-out attribute combinations and on held-out phrasings (syn
 in training, where a bag of words cannot generalise), and FID, with the encoder's parameter count.
 
 Run:  python benchmarks/t2i_encoders.py [--steps 6000] [--n 250] [--guidance 3] [--runs runs/t2i-encoders]
-      (about 40 minutes of training per encoder on 2 CPU cores; existing runs are reused)
+      [--encoders NAME_OR_DIR ...] [--keep]
+      (about 40 minutes of training per encoder on 2 CPU cores; existing runs are reused; a local encoder directory,
+      such as all-mpnet-base-v2 (README), is named by its folder)
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from deepgm.config import load_config
 from deepgm.family import SamplingPlan
 from deepgm.files import write_json, write_text
 from deepgm.pipeline import draw, load_data, load_prepared, load_run, sample_metrics, train_run
+from deepgm.text import encoder_label
 
 ENCODERS = ("bow", "minilm-l6:2", "minilm-l3", "minilm-l6")
 SPLITS = ("test", "test-combos", "test-phrasings")
@@ -47,6 +50,19 @@ def bar_figure(rows: list[dict], path: Path) -> None:
     save_figure(fig, path, dpi=120)
 
 
+def kept_rows(path: Path, args) -> list[dict]:
+    """The saved rows, if they were measured as this run will measure (otherwise an error: rows that differ in steps
+    or sampling are not comparable)."""
+    if not path.is_file():
+        return []
+    saved = json.loads(path.read_text())
+    mine = {"steps": args.steps, "n": args.n, "guidance": args.guidance, "sample_steps": args.sample_steps}
+    theirs = {k: saved.get(k, 25 if k == "sample_steps" else None) for k in mine}  # 25: before it was recorded
+    if theirs != mine:
+        raise SystemExit(f"--keep: {path} was measured with {theirs}, this run would use {mine}; rerun every encoder")
+    return saved["rows"]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--encoders", nargs="+", default=list(ENCODERS))
@@ -56,18 +72,24 @@ def main(argv=None) -> int:
     parser.add_argument("--guidance", type=float, default=3.0)
     parser.add_argument("--runs", default="runs/t2i-encoders")
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the saved table's rows of other encoders (measured with the same steps, n, guidance "
+                             "and sampler steps): adds an encoder without training the others again")
     args = parser.parse_args(argv)
-    rows = []
+    out = Path(args.out)
+    rows = kept_rows(out / "t2i_encoders.json", args) if args.keep else []
     plan = SamplingPlan("ddim", args.sample_steps, guidance=args.guidance, threshold="static")
     for encoder in args.encoders:
-        run_dir = Path(args.runs) / encoder.replace(":", "-")
+        label = encoder_label(encoder)
+        rows = [r for r in rows if r["encoder"] != label]
+        run_dir = Path(args.runs) / label.replace(":", "-")
         if not (run_dir / "checkpoints" / "latest").is_file():
             config = load_config("t2i-shapes-base", [f"model.text.encoder={encoder}", f"train.steps={args.steps}"])
             train_run(config, run_dir, resume=(run_dir / "config.yaml").exists())
         run = load_run(run_dir)
         train = load_data(run.config, "train")
         text = run.model.conditioning["text"]
-        row = {"encoder": encoder, "parameters": text.encoder.num_parameters, "step": run.step}
+        row = {"encoder": label, "parameters": text.encoder.num_parameters, "step": run.step}
         for split in SPLITS:
             test = load_prepared(run, split)
             m = sample_metrics(run, draw(run, args.n, 0, plan, run.model.conditioning.examples(test, args.n)),
@@ -77,9 +99,10 @@ def main(argv=None) -> int:
             row["fid_floor"] = row.get("fid_floor", m["fid_floor"])
         rows.append(row)
         print(json.dumps(row), flush=True)
-    out = Path(args.out)
+    rows.sort(key=lambda r: r["parameters"])
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "t2i_encoders.json", {"guidance": args.guidance, "n": args.n, "steps": args.steps, "rows": rows})
+    write_json(out / "t2i_encoders.json", {"guidance": args.guidance, "n": args.n, "steps": args.steps,
+                                           "sample_steps": args.sample_steps, "rows": rows})
     lines = [f"Text encoders for the same base model ({args.steps} steps, same seed), guidance {args.guidance:g}, "
              f"{args.n} samples per split, DDIM {args.sample_steps} steps; FID floor {rows[0]['fid_floor']:.2f}.", "",
              "| encoder | parameters | alignment (test) | held-out combinations | held-out phrasings | FID |",

@@ -29,7 +29,7 @@ from torch import nn
 
 from deepgm.data.shapes import COLOURS, COLUMN, OBJECT_SIZES, SHAPES, canonical, sample_example
 from deepgm.files import write_json, write_text
-from deepgm.text import load_text_encoder
+from deepgm.text import encoder_label, load_text_encoder
 
 KINDS = {"shape": len(SHAPES), "colour": len(COLOURS), "size": len(OBJECT_SIZES)}
 
@@ -78,7 +78,8 @@ def probe(encoder_name: str, train: tuple, tests: dict[str, tuple], steps: int, 
         opt.zero_grad()
         loss.backward()
         opt.step()
-    row = {"encoder": encoder_name, "parameters": sum(p.numel() for p in encoder.parameters()), "steps": steps}
+    row = {"encoder": encoder_label(encoder_name), "parameters": sum(p.numel() for p in encoder.parameters()),
+           "steps": steps}
     with torch.no_grad():
         for split, (captions, targets) in tests.items():
             text = encoder.encode(captions)

@@ -11,7 +11,7 @@ pytest.importorskip("transformers", reason="needs the text extra: pip install -e
 pytest.importorskip("onnx", reason="needs the text extra: pip install -e '.[text]'")
 pytest.importorskip("onnxruntime", reason="needs the text extra: pip install -e '.[text]'")
 
-from deepgm.text import TextEmbedding, convert_onnx_minilm_l3, load_text_encoder  # noqa: E402
+from deepgm.text import TextEmbedding, convert_onnx_minilm_l3, encoder_label, load_text_encoder  # noqa: E402
 from deepgm.text import weights as text_weights  # noqa: E402
 from deepgm.text.convert import CHECK_TOLERANCE, onnxruntime_hidden_states  # noqa: E402
 
@@ -118,6 +118,9 @@ def test_local_directory_route_loads_any_transformers_encoder(encoders):
     captions = ["a yellow star", "two red circles"]
     assert from_dir.num_parameters == encoders["minilm-l6"].num_parameters
     assert torch.allclose(from_dir.encode(captions).tokens, encoders["minilm-l6"].encode(captions).tokens, atol=1e-6)
+    # tables and run folders name a directory by its folder, never by a path that would escape the runs folder
+    assert encoder_label(str(text_weights.minilm_l6_dir())) == text_weights.minilm_l6_dir().name
+    assert encoder_label("minilm-l6:2") == "minilm-l6:2"
 
 
 def test_truncated_layers(encoders):

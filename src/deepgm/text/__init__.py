@@ -10,7 +10,14 @@ sequence; keep it outside the trained network's state dict.
 """
 
 from deepgm.text.convert import convert_onnx_minilm_l3
-from deepgm.text.encoders import ENCODERS, EncoderSpec, describe_encoders, keep_first_layers, load_text_encoder
+from deepgm.text.encoders import (
+    ENCODERS,
+    EncoderSpec,
+    describe_encoders,
+    encoder_label,
+    keep_first_layers,
+    load_text_encoder,
+)
 from deepgm.text.frozen import TextEmbedding, TextEncoder
 
 __all__ = [
@@ -20,6 +27,7 @@ __all__ = [
     "TextEncoder",
     "convert_onnx_minilm_l3",
     "describe_encoders",
+    "encoder_label",
     "keep_first_layers",
     "load_text_encoder",
 ]

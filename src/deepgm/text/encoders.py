@@ -48,6 +48,11 @@ ENCODERS: dict[str, EncoderSpec] = {
 }
 
 
+def encoder_label(encoder: str) -> str:
+    """A short label for tables and run folders: a named encoder as it is, a local directory by its folder name."""
+    return Path(encoder).name if "/" in encoder else encoder
+
+
 def describe_encoders() -> str:
     """One line per accepted name, for error messages and listings."""
     lines = [f"  {name}: {spec.description}" for name, spec in ENCODERS.items()]
