@@ -56,8 +56,9 @@ def kept_rows(path: Path, args) -> list[dict]:
     if not path.is_file():
         return []
     saved = json.loads(path.read_text())
-    mine = {"steps": args.steps, "n": args.n, "guidance": args.guidance, "sample_steps": args.sample_steps}
-    theirs = {k: saved.get(k, 25 if k == "sample_steps" else None) for k in mine}  # 25: before it was recorded
+    mine = {"steps": args.steps, "n": args.n, "guidance": args.guidance, "sample_steps": args.sample_steps,
+            "seed": args.seed}
+    theirs = {k: saved.get(k, {"sample_steps": 25, "seed": 0}.get(k)) for k in mine}  # defaults: before they were kept
     if theirs != mine:
         raise SystemExit(f"--keep: {path} was measured with {theirs}, this run would use {mine}; rerun every encoder")
     return saved["rows"]
@@ -71,20 +72,21 @@ def main(argv=None) -> int:
     parser.add_argument("--sample-steps", type=int, default=25)
     parser.add_argument("--guidance", type=float, default=3.0)
     parser.add_argument("--runs", default="runs/t2i-encoders")
+    parser.add_argument("--seed", type=int, default=0, help="the training seed (run folders of other seeds end -sN)")
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--keep", action="store_true",
                         help="keep the saved table's rows of other encoders (measured with the same steps, n, guidance "
                              "and sampler steps): adds an encoder without training the others again")
     args = parser.parse_args(argv)
     out = Path(args.out)
-    rows = kept_rows(out / "t2i_encoders.json", args) if args.keep else []
+    rows = []
     plan = SamplingPlan("ddim", args.sample_steps, guidance=args.guidance, threshold="static")
     for encoder in args.encoders:
         label = encoder_label(encoder)
-        rows = [r for r in rows if r["encoder"] != label]
-        run_dir = Path(args.runs) / label.replace(":", "-")
+        run_dir = Path(args.runs) / (label.replace(":", "-") + (f"-s{args.seed}" if args.seed else ""))
         if not (run_dir / "checkpoints" / "latest").is_file():
-            config = load_config("t2i-shapes-base", [f"model.text.encoder={encoder}", f"train.steps={args.steps}"])
+            config = load_config("t2i-shapes-base", [f"model.text.encoder={encoder}", f"train.steps={args.steps}",
+                                                      f"seed={args.seed}"])
             train_run(config, run_dir, resume=(run_dir / "config.yaml").exists())
         run = load_run(run_dir)
         train = load_data(run.config, "train")
@@ -99,12 +101,16 @@ def main(argv=None) -> int:
             row["fid_floor"] = row.get("fid_floor", m["fid_floor"])
         rows.append(row)
         print(json.dumps(row), flush=True)
+    if args.keep:  # read now, not at the start: another run may have added its rows meanwhile
+        measured = {r["encoder"] for r in rows}
+        rows += [r for r in kept_rows(out / "t2i_encoders.json", args) if r["encoder"] not in measured]
     rows.sort(key=lambda r: r["parameters"])
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "t2i_encoders.json", {"guidance": args.guidance, "n": args.n, "steps": args.steps,
-                                           "sample_steps": args.sample_steps, "rows": rows})
-    lines = [f"Text encoders for the same base model ({args.steps} steps, same seed), guidance {args.guidance:g}, "
-             f"{args.n} samples per split, DDIM {args.sample_steps} steps; FID floor {rows[0]['fid_floor']:.2f}.", "",
+                                           "sample_steps": args.sample_steps, "seed": args.seed, "rows": rows})
+    lines = [f"Text encoders for the same base model ({args.steps} steps, seed {args.seed}), "
+             f"guidance {args.guidance:g}, {args.n} samples per split, DDIM {args.sample_steps} steps; "
+             f"FID floor {rows[0]['fid_floor']:.2f}.", "",
              "| encoder | parameters | alignment (test) | held-out combinations | held-out phrasings | FID |",
              "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
