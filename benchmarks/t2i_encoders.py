@@ -7,7 +7,7 @@ test captions, on held-out attribute combinations and on held-out phrasings (syn
 in training, where a bag of words cannot generalise), and FID, with the encoder's parameter count.
 
 Run:  python benchmarks/t2i_encoders.py [--steps 6000] [--n 250] [--guidance 3] [--runs runs/t2i-encoders]
-      [--encoders NAME_OR_DIR ...] [--keep]
+      [--encoders NAME_OR_DIR ...] [--seed S] [--keep]
       (about 40 minutes of training per encoder on 2 CPU cores; existing runs are reused; a local encoder directory,
       such as all-mpnet-base-v2 (README), is named by its folder)
 """
@@ -75,8 +75,9 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="the training seed (run folders of other seeds end -sN)")
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--keep", action="store_true",
-                        help="keep the saved table's rows of other encoders (measured with the same steps, n, guidance "
-                             "and sampler steps): adds an encoder without training the others again")
+                        help="keep the saved table's rows of other encoders (checked: the same steps, n, guidance, "
+                             "sampler steps and seed; not checked: the same code, so only for rows measured with this "
+                             "one): adds an encoder without training the others again")
     args = parser.parse_args(argv)
     out = Path(args.out)
     rows = []
