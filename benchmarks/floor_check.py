@@ -34,8 +34,15 @@ def main(argv=None) -> int:
     parser.add_argument("--draws", type=int, default=20)
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
+    if args.draws < 2:
+        raise SystemExit(f"--draws must be at least 2 (a spread needs two values), got {args.draws}")
     torch.set_num_threads(1)
-    (name, gmm, schedule, _, x0_fn, _, n, _), = sh.problems(False, pathlib.Path("runs"), only=[args.problem])
+    found = sh.problems(False, pathlib.Path("runs"), only=[args.problem])
+    if len(found) != 1:
+        raise SystemExit(f"--problem {args.problem!r} names {len(found)} held-out problems; give the first words of "
+                         "one fitted mixture: diabetes, cancer, 'digits PCA', 'digits GMM 64-D, linear' or "
+                         "'digits GMM 64-D, EDM'")
+    (name, gmm, schedule, _, x0_fn, _, n, _), = found
     if x0_fn is not None:
         raise SystemExit(f"{name} is a trained network: its ODE is not exact, so it cannot check the floor")
     oracle = sa.Oracle(gmm, schedule, None, 1e-8)

@@ -173,10 +173,10 @@ DEEPGM = ("auto/calibrated", "dpmpp-2m/log-snr", "unipc/log-snr", "deis/karras",
 FLOOR_DRAWS = 30  # independent pairs of true-sample sets behind each problem's noise floor interval
 
 
-def floor_draws(gmm, n: int, count: int = FLOOR_DRAWS) -> dict[str, list[float]]:
+def floor_draws(gmm, schedule, n: int, count: int = FLOOR_DRAWS) -> dict[str, list[float]]:
     """Each metric of `count` independent pairs of true-sample sets of n points (Draw's floor, with its own
     directions for sw2): the distribution an exact sampler's score would be drawn from. Cheap: no sampler runs."""
-    oracle = sa.Oracle(gmm, DiscreteVP.linear(T=1000))  # Draw needs an oracle; without a reference it never solves
+    oracle = sa.Oracle(gmm, schedule)
     draws = [sa.Draw(oracle, n, 10_000 + 10 * k, reference=False).floor for k in range(count)]
     return {m: [d[m] for d in draws] for m in METRICS}
 
@@ -265,7 +265,7 @@ def main(argv=None) -> int:
             n, n_eval, tol = 64, 128, max(tol, 1e-5)
         result = sa.benchmark(name, gmm, n, n_eval, 0, sa.GOAL_NFES, schedule, configs, x0_fn=x0_fn, large=False,
                               reference_tol=tol)
-        result["floor_draws"] = floor_draws(gmm, n_eval)
+        result["floor_draws"] = floor_draws(gmm, schedule, n_eval)
         result["heldout_goal"] = goal_rows(result)
         result["conditions"] = condition_numbers(gmm) if x0_fn is None else None
         results.append(result)
