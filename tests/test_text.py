@@ -230,6 +230,19 @@ def test_cache_runs_the_model_once_per_token_sequence(encoders):
         hook.remove()
 
 
+def test_cache_holds_float32_embeddings_under_bf16_autocast(encoders):
+    """A bf16-trained run fills the cache inside autocast; what it caches must be what fp32 sampling computes."""
+    encoder = encoders["minilm-l6"]
+    captions = ["a big blue square above a green triangle", "a tiny red ball in the top left"]
+    encoder.clear_cache()
+    reference = encoder.encode(captions)
+    encoder.clear_cache()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = encoder.encode(captions)
+    assert torch.equal(under_autocast.tokens, reference.tokens)
+    assert torch.equal(under_autocast.pooled, reference.pooled)
+
+
 def test_errors_say_what_is_wrong(encoders, tmp_path, monkeypatch):
     encoder = encoders["minilm-l6"]
     with pytest.raises(ValueError, match="(?s)unknown text encoder 'minilm-l9'.*minilm-l6.*minilm-l3.*bow"):

@@ -187,8 +187,9 @@ class TextEncoder:
         used = max(_real_length(mask.any(0)), 1)
         ids, mask = ids[:, :used].to(self.device), mask[:, :used].to(self.device)
         # no_grad, not inference_mode: inference tensors could not be saved for backward by the network
-        # that consumes these embeddings
-        with torch.no_grad():
+        # that consumes these embeddings; autocast off, so that what the cache holds is the float32 embedding
+        # whichever precision the caller trains or samples in
+        with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
             out = self.model(input_ids=ids, attention_mask=mask.long())
             hidden = out if isinstance(out, torch.Tensor) else out.last_hidden_state
             hidden = hidden.float() * mask.unsqueeze(-1)  # padded positions carry nothing
