@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from deepgm.conditioning import ClassLabel, Conditioning, ImageCondition
-from deepgm.nets.unet import UNet
+from deepgm.nets.unet import UNet, attention
 
 
 def _randomise(net: torch.nn.Module, std: float = 0.05, seed: int = 0) -> torch.nn.Module:
@@ -103,6 +104,23 @@ def test_channels_last_and_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = net(x, t)
     assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+def test_bf16_attention_under_autograd_runs_in_float32_on_cpu():
+    """Under autograd a bf16 attention is float32's result rounded to bf16 (its bf16 kernel differs on about a
+    third of the entries), gradients keep their dtype, and without autograd the bf16 kernel runs as it is."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 64, 16, generator=g).bfloat16().requires_grad_() for _ in range(3))
+    mask = torch.rand(2, 1, 1, 64, generator=g) > 0.3
+    in_float32 = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask).bfloat16()
+    bf16_kernel = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert (bf16_kernel != in_float32).float().mean() > 0.1  # so the next line can tell the two apart
+    out = attention(q, k, v, mask)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, in_float32)
+    out.float().square().sum().backward()
+    assert q.grad.dtype == torch.bfloat16 and torch.isfinite(q.grad).all() and q.grad.abs().sum() > 0
+    with torch.no_grad():
+        assert torch.equal(attention(q, k, v, mask), F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
 
 
 def test_cond_image():
