@@ -13,10 +13,14 @@ from __future__ import annotations
 
 import argparse
 import copy
+import pathlib
 import statistics
-import time
+import sys
 
 import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from train_throughput import alternate  # noqa: E402  (timing in turns, the same as against diffusers)
 
 DEFAULT_CONFIGS = ("demo-digits", "ddpm-digits", "t2i-shapes-base")
 
@@ -50,14 +54,7 @@ def measure(config_name: str, repeats: int) -> dict:
     batch = data.batch(torch.arange(batch_size))
     steps = {"fp32": make_step(model.train(), batch, None), "bf16": make_step(copy.deepcopy(model), batch,
                                                                              torch.bfloat16)}
-    for step in steps.values():  # warm-up: oneDNN's first-call set-up, the caption cache
-        step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
+    times = alternate(steps, repeats)  # the untimed first round: oneDNN's first-call set-up, the caption cache
     rate = {name: batch_size / statistics.median(t) for name, t in times.items()}
     return {"config": config_name, "batch": batch_size, **rate, "ratio": rate["bf16"] / rate["fp32"]}
 
