@@ -67,6 +67,13 @@ def main() -> None:
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1, got {args.repeats}")
+    from deepgm.config import resolve_config_path
+
+    for name in args.configs:  # every name checked before the first config's minutes of timing
+        try:
+            resolve_config_path(name)
+        except FileNotFoundError as err:
+            parser.error(str(err))
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
